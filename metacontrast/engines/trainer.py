@@ -1,0 +1,110 @@
+"""A MONAI trainer for objectives made of several named losses.
+
+``MultiLossTrainer`` is :class:`monai.engines.SupervisedTrainer` whose ``loss_function`` returns a dict
+``{name: scalar}`` (e.g. one GCL objective per meta label).  By default it minimises the plain average
+of the objectives (GCL Eq. 2).  A handler that needs the gradient of each objective separately --
+GradMitigator -- sets ``engine.state.per_loss_gradients_required`` when attached; the trainer then
+computes one gradient list per objective, fires ``PER_LOSS_GRADIENTS_COMPUTED`` and lets the handler
+write ``param.grad``.  Why a subclass: ``SupervisedTrainer._iteration`` takes one scalar loss and calls
+``backward`` itself, leaving no point where per-objective gradients can be intercepted.
+
+Under AMP the per-objective gradients are unscaled before handlers see them (the mitigation acts on
+true gradients), and re-scaled for ``GradScaler.step`` so its inf/NaN check still applies.
+A non-finite objective raises :class:`NonFiniteLossError` naming the iteration and the objective, or
+skips the step when ``skip_nonfinite=True``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.utils.enums import CommonKeys as Keys
+from monai.engines.utils import IterationEvents
+
+from .events import MultiLossEvents
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite."""
+
+
+class MultiLossTrainer(SupervisedTrainer):
+    """SupervisedTrainer for ``loss_function(pred, target) -> dict[str, Tensor]``.
+
+    Extra args (all others as ``SupervisedTrainer``):
+        skip_nonfinite: skip the optimiser step (and count it in ``engine.state.skipped_steps``)
+            instead of stopping when an objective is NaN/inf.
+    """
+
+    def __init__(self, *args, skip_nonfinite: bool = False, event_names=None, **kwargs) -> None:
+        super().__init__(*args, event_names=[MultiLossEvents, *(event_names or [])], **kwargs)
+        self.skip_nonfinite = skip_nonfinite
+        self.state.per_loss_gradients_required = False
+        self.state.skipped_steps = 0
+
+    def _iteration(self, engine: MultiLossTrainer, batchdata: dict) -> dict:
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+
+        autocast = torch.autocast(torch.device(engine.state.device).type, **engine.amp_kwargs) if engine.amp else nullcontext()
+        with autocast:
+            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            losses: dict[str, torch.Tensor] = engine.loss_function(engine.state.output[Keys.PRED], targets)
+        total = torch.stack([loss.float() for loss in losses.values()]).mean()
+        engine.state.output["losses"] = losses
+        engine.state.output[Keys.LOSS] = total
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine.fire_event(MultiLossEvents.LOSSES_COMPUTED)
+
+        bad = [name for name, loss in losses.items() if not torch.isfinite(loss.detach()).all()]
+        if bad:
+            message = f"iteration {engine.state.iteration}: loss term {bad[0]!r} is {float(losses[bad[0]].detach()):.4g}"
+            if not engine.skip_nonfinite:
+                raise NonFiniteLossError(message + " (set skip_nonfinite to skip such steps)")
+            engine.logger.warning(message + "; step skipped")
+            engine.state.skipped_steps += 1
+            return engine.state.output
+
+        scale = engine.scaler.get_scale() if (engine.amp and engine.scaler is not None) else 1.0
+        if getattr(engine.state, "per_loss_gradients_required", False):
+            self._per_loss_backward(engine, losses, scale)
+        else:
+            (total * scale).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.fire_event(MultiLossEvents.GRADIENTS_READY)
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    @staticmethod
+    def _per_loss_backward(engine: MultiLossTrainer, losses: dict[str, torch.Tensor], scale: float) -> None:
+        """One backward pass per objective; handlers combine the results into ``param.grad``."""
+        named = [(n, p) for n, p in engine.network.named_parameters() if p.requires_grad]
+        engine.state.grad_param_names = [n for n, _ in named]
+        engine.state.grad_params = [p for _, p in named]
+        per_loss = {}
+        names = list(losses)
+        for k, name in enumerate(names):
+            grads = torch.autograd.grad(losses[name] * scale, engine.state.grad_params, retain_graph=k < len(names) - 1, allow_unused=True)
+            per_loss[name] = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, engine.state.grad_params)]
+        engine.state.per_loss_grads = per_loss
+        engine.state.gradients_combined = False
+        engine.fire_event(MultiLossEvents.PER_LOSS_GRADIENTS_COMPUTED)
+        if not engine.state.gradients_combined:  # no handler combined them: plain average (Eq. 2)
+            for k, p in enumerate(engine.state.grad_params):
+                p.grad = torch.stack([g[k] for g in per_loss.values()]).mean(dim=0)
+        if scale != 1.0:
+            for p in engine.state.grad_params:
+                p.grad.mul_(scale)
+        engine.state.per_loss_grads = None  # free memory
+

@@ -1,0 +1,72 @@
+"""The GCL objective per meta label (GCL paper Eq. 9): ``L^m = L_img^m + L_pix^m``.
+
+Returned as a dict ``{m: L^m}`` so that :class:`~metacontrast.engines.MultiLossTrainer` either averages
+the objectives (Eq. 2, "mitigator off") or hands their gradients to GradMitigator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..nets.heads import pooled_embedding
+from .contrastive import meta_label_positive_mask, multi_positive_info_nce, positive_mask, view_ids
+from .pixel_contrastive import PixelContrastiveLoss
+
+
+class GCLLoss(nn.Module):
+    """Image-wise (Eq. 1) plus optional pixel-wise (Eq. 5) contrast for each meta label.
+
+    Args:
+        meta_labels: which meta labels define positives (``patient_id``, ``slice_quantile``,
+            ``organ_state``); an empty list gives the vanilla two-view loss (the ablation's base model).
+        temperature: tau for Eq. 1.
+        pixel_loss: Eq. 5 module, or ``None`` to switch pixel contrast off.
+        image_key / pixel_key: names of the ``h_img`` and ``h_pix`` outputs of the network.
+    """
+
+    def __init__(
+        self,
+        meta_labels: Sequence[str],
+        temperature: float = 0.1,
+        pixel_loss: PixelContrastiveLoss | None = None,
+        image_key: str = "img",
+        pixel_key: str = "pix",
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.meta_labels = list(meta_labels)
+        self.temperature = temperature
+        self.pixel_loss = pixel_loss
+        self.image_key, self.pixel_key = image_key, pixel_key
+        self.last_terms: dict[str, float] = {}
+
+    def forward(self, outputs: Mapping[str, torch.Tensor], meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: ``{"img": (2N, D, h, w), "pix": (2N, D, h, w)}`` for the two views stacked.
+            meta: ``{label: (N,) int tensor}`` per slice.
+        Returns:
+            ``{label: L^m}`` (``{"views": L}`` when no meta label is used).
+        """
+        z = pooled_embedding(outputs[self.image_key])
+        num_slices = z.shape[0] // 2
+        masks = {m: meta_label_positive_mask(meta[m].to(z.device)) for m in self.meta_labels}
+        if not masks:
+            masks = {"views": positive_mask(view_ids(num_slices, z.device))}
+        objectives, terms = {}, {}
+        for name, positives in masks.items():
+            image_term = multi_positive_info_nce(z, positives, self.temperature)
+            objective = image_term
+            terms[f"img/{name}"] = float(image_term.detach())
+            if self.pixel_loss is not None:
+                pixel_term = self.pixel_loss(outputs[self.pixel_key], outputs[self.image_key], positives)
+                objective = objective + pixel_term
+                terms[f"pix/{name}"] = float(pixel_term.detach())
+                terms[f"kept_positives/{name}"] = self.pixel_loss.last_kept_fraction
+            objectives[name] = objective
+        self.last_terms = terms
+        return objectives
