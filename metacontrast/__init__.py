@@ -9,3 +9,6 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 __version__ = "0.1.0"
+
+from . import data, engines, losses, nets, workflows  # noqa: E402  (so configs can say "$import metacontrast")
+from .workflows import tracking  # noqa: E402,F401

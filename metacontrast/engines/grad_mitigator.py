@@ -134,8 +134,8 @@ class GradMitigator:
         for i, a in enumerate(loss_names):
             for j, b in enumerate(loss_names):
                 if i != j:
-                    out[f"cos/{a}~{b}"] = float(self.last_cosines[:, i, j].mean())
-                    out[f"target/{a}~{b}"] = float(self.targets[:, i, j].mean())
+                    out[f"cos/{a}-vs-{b}"] = float(self.last_cosines[:, i, j].mean())
+                    out[f"target/{a}-vs-{b}"] = float(self.targets[:, i, j].mean())
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,7 +41,6 @@ class MultiLossTrainer(SupervisedTrainer):
     def __init__(self, *args, skip_nonfinite: bool = False, event_names=None, **kwargs) -> None:
         super().__init__(*args, event_names=[MultiLossEvents, *(event_names or [])], **kwargs)
         self.skip_nonfinite = skip_nonfinite
-        self.state.per_loss_gradients_required = False
         self.state.skipped_steps = 0
 
     def _iteration(self, engine: MultiLossTrainer, batchdata: dict) -> dict:
@@ -57,8 +56,8 @@ class MultiLossTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses: dict[str, torch.Tensor] = engine.loss_function(engine.state.output[Keys.PRED], targets)
         total = torch.stack([loss.float() for loss in losses.values()]).mean()
-        engine.state.output["losses"] = losses
-        engine.state.output[Keys.LOSS] = total
+        engine.state.output["losses"] = {name: loss.detach() for name, loss in losses.items()}
+        engine.state.output[Keys.LOSS] = total.detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine.fire_event(MultiLossEvents.LOSSES_COMPUTED)
 

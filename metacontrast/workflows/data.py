@@ -1,0 +1,196 @@
+"""What each workflow reads: a manifest split, cached as slices, batched for its engine.
+
+* :class:`PretrainData` -- unlabelled slices of the ``pretrain`` split with meta labels, batched by the
+  meta-label-aware sampler (or plainly at random);
+* :class:`FinetuneData` -- the ``L`` labelled volumes drawn from ``train`` by the seed, slice batches for
+  training, and whole ``val`` volumes (1, 1, H, W, D) for 3D validation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.samplers import MetaLabelBatchSampler, RandomBatchSampler
+from ..data.slices import SliceCache, build_slice_cache, make_slice_loader
+
+SPLITS = ("pretrain", "train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """A workflow setting that cannot work, reported before any training starts."""
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Load a manifest JSON and check its top level; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"manifest {path} does not exist (build it with scripts/make_manifest.py)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"manifest {path} is not valid JSON: {err}") from err
+    missing = [k for k in ("labels", "meta_labels", "preprocessing", *SPLITS) if k not in manifest]
+    if missing:
+        raise ConfigError(f"manifest {path} lacks the keys {missing}")
+    return manifest
+
+
+def preprocessing_settings(manifest: dict, overrides: dict | None, dataset: str) -> dict[str, Any]:
+    """The manifest's preprocessing, updated by ``overrides[dataset]`` (the CPU-scale preset uses this)."""
+    settings = dict(manifest["preprocessing"])
+    settings.update((overrides or {}).get(dataset, {}))
+    return settings
+
+
+def cap(entries: list[dict], max_volumes: int) -> list[dict]:
+    """The first ``max_volumes`` entries (all when 0): for smoke runs."""
+    return entries[:max_volumes] if max_volumes and max_volumes > 0 else entries
+
+
+def check_meta_labels(meta_labels: Sequence[str], manifest: dict, manifest_path: str | Path) -> list[str]:
+    unknown = [m for m in meta_labels if m not in manifest["meta_labels"]]
+    if unknown:
+        raise ConfigError(f"unknown meta label(s) {unknown} for {manifest_path}; it provides {manifest['meta_labels']}")
+    return list(meta_labels)
+
+
+def select_labeled(entries: Sequence[dict], num_labeled: int, seed: int) -> list[int]:
+    """Indices of the ``L`` labelled volumes drawn from the ``train`` pool by ``seed``.
+
+    A seeded permutation of the pool sorted by ``volume_id``; the first ``L`` are taken, so for one seed
+    the L = 1 volume is among the L = 2 volumes, and so on (nested draws make L comparable).
+    """
+    if num_labeled < 1 or num_labeled > len(entries):
+        raise ConfigError(f"num_labeled must be in 1..{len(entries)} (the size of the train pool), got {num_labeled}")
+    order = sorted(range(len(entries)), key=lambda k: entries[k]["volume_id"])
+    permutation = np.random.default_rng(seed).permutation(len(order))
+    return sorted(order[k] for k in permutation[:num_labeled])
+
+
+class PretrainData:
+    """Unlabelled slices and their batches for pre-training.
+
+    Args:
+        datalist: manifest path.  dataset_dir: root the manifest's paths are relative to.
+        dataset: manifest name (selects ``preprocessing_overrides``).
+        split: the manifest split to pre-train on.  max_volumes: cap (0 = all).
+        meta_labels: meta labels the method uses (checked against the manifest).
+        batch_size: slices per batch (views are drawn by the trainer, so 2x images per step).
+        sampler: ``"meta_label"`` (volumes x one slice per quantile, GLCL's batches) or ``"random"``.
+        num_partitions: S for ``slice_quantile``.
+        cache_dir: disk cache shared by every run ("" = none).  device: where the slices live.
+    """
+
+    def __init__(
+        self,
+        datalist: str,
+        dataset_dir: str,
+        dataset: str,
+        split: str = "pretrain",
+        max_volumes: int = 0,
+        meta_labels: Sequence[str] = (),
+        batch_size: int = 48,
+        sampler: str = "meta_label",
+        num_partitions: int = 4,
+        preprocessing_overrides: dict | None = None,
+        cache_dir: str = "",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if num_partitions < 1:
+            raise ConfigError(f"num_partitions (S) must be >= 1, got {num_partitions}")
+        manifest = read_manifest(datalist)
+        self.meta_labels = check_meta_labels(meta_labels, manifest, datalist)
+        self.settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
+        entries = cap(manifest[split], max_volumes)
+        if not entries:
+            raise ConfigError(f"split {split!r} of {datalist} is empty")
+        self.cache: SliceCache = build_slice_cache(
+            entries, dataset_dir, self.settings["pixel_size"], self.settings["spatial_size"],
+            num_partitions=num_partitions, with_labels=False, cache_dir=cache_dir or None,
+        ).to(device)
+        if sampler == "meta_label":
+            volumes_per_batch = max(1, min(batch_size // num_partitions, self.cache.num_volumes))
+            self.sampler = MetaLabelBatchSampler(
+                self.cache.meta["volume_index"], self.cache.meta["slice_quantile"], volumes_per_batch,
+                num_partitions=num_partitions, seed=seed,
+            )
+        elif sampler == "random":
+            self.sampler = RandomBatchSampler(len(self.cache), min(batch_size, len(self.cache)), seed=seed)
+        else:
+            raise ConfigError(f"sampler must be 'meta_label' or 'random', got {sampler!r}")
+        self.epoch_length = len(self.sampler)
+        self.loader = make_slice_loader(self.cache, self.sampler)
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Whole preprocessed volumes of a labelled :class:`SliceCache`: item ``v`` is
+    ``{"image": (1, H, W, D), "label": (1, H, W, D)}`` -- the layout ``monai.inferers.SliceInferer`` and
+    ``monai.metrics`` expect for 3D scoring of a 2D network."""
+
+    def __init__(self, cache: SliceCache) -> None:
+        self.cache = cache
+        self.volume_slices = [torch.nonzero(cache.meta["volume_index"] == v).flatten() for v in range(cache.num_volumes)]
+
+    def __len__(self) -> int:
+        return len(self.volume_slices)
+
+    def __getitem__(self, v: int) -> dict[str, torch.Tensor]:
+        idx = self.volume_slices[v]
+        order = idx[torch.argsort(self.cache.meta["slice_index"][idx])]
+        as_volume = lambda t: t.index_select(0, order).permute(1, 2, 3, 0)  # (D, 1, H, W) -> (1, H, W, D)
+        return {"image": as_volume(self.cache.images), "label": as_volume(self.cache.labels).float()}
+
+
+class FinetuneData:
+    """Labelled data of one fine-tuning run: ``L`` volumes drawn from ``train`` by ``seed``, and ``val``.
+
+    Args:
+        num_labeled: L, labelled volumes.  seed: selects them (see :func:`select_labeled`).
+        batch_size: labelled slices per step.  max_volumes: caps the train pool and ``val`` (0 = all).
+        Others as :class:`PretrainData`.
+    Attributes:
+        train_loader: random batches of labelled slices (dicts with ``image``, ``label``), one epoch =
+            one pass over the L volumes' slices.
+        val_loader: whole ``val`` volumes, batch size 1.
+        labeled_volume_ids: ``volume_id`` of the L volumes (logged, so a run can be traced).
+    """
+
+    def __init__(
+        self,
+        datalist: str,
+        dataset_dir: str,
+        dataset: str,
+        num_labeled: int,
+        seed: int = 0,
+        batch_size: int = 5,
+        max_volumes: int = 0,
+        preprocessing_overrides: dict | None = None,
+        cache_dir: str = "",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        manifest = read_manifest(datalist)
+        self.labels: dict[str, str] = manifest["labels"]
+        self.settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
+        pool = manifest["train"]
+        pool = cap(pool, max(max_volumes, num_labeled)) if max_volumes else pool
+        chosen = select_labeled(pool, num_labeled, seed)
+        self.labeled_volume_ids = [pool[k]["volume_id"] for k in chosen]
+        build = lambda entries: build_slice_cache(
+            entries, dataset_dir, self.settings["pixel_size"], self.settings["spatial_size"], with_labels=True,
+            cache_dir=cache_dir or None,
+        ).to(device)
+        self.train_cache = build(pool).subset(chosen)
+        self.sampler = RandomBatchSampler(len(self.train_cache), min(batch_size, len(self.train_cache)), seed=seed, drop_last=False)
+        self.train_loader = make_slice_loader(self.train_cache, self.sampler)
+        self.epoch_length = len(self.sampler)
+        val_entries = cap(manifest["val"], max_volumes)
+        self.val_loader = (
+            torch.utils.data.DataLoader(VolumeDataset(build(val_entries)), batch_size=1) if val_entries else None
+        )
