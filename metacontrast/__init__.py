@@ -3,12 +3,18 @@
 Subpackages follow the pipeline: ``data`` (manifests, transforms, slice cache, samplers, augmentation),
 ``nets`` (U-Net encoder/decoder, projection heads), ``losses`` (one module per loss), ``engines``
 (the multi-loss trainer, GradMitigator, GradFilter) and ``workflows`` (fine-tune, evaluate, tracking).
+Subpackages load on first use, so ``import metacontrast`` (as bundle configs do) stays cheap.
 """
 
+import importlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 __version__ = "0.1.0"
+_SUBPACKAGES = ("data", "engines", "losses", "nets", "workflows")
 
-from . import data, engines, losses, nets, workflows  # noqa: E402  (so configs can say "$import metacontrast")
-from .workflows import tracking  # noqa: E402,F401
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,3 +1,11 @@
 """Raw scans to batches: manifests, DICOM reading, volume transforms, the slice cache, samplers, augmentation."""
 
-from . import augment, dicom, manifest, samplers, slices, transforms  # noqa: F401
+import importlib
+
+_MODULES = ("augment", "dicom", "errors", "manifest", "samplers", "slices", "transforms")
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

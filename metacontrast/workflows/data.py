@@ -194,3 +194,12 @@ class FinetuneData:
         self.val_loader = (
             torch.utils.data.DataLoader(VolumeDataset(build(val_entries)), batch_size=1) if val_entries else None
         )
+
+
+def epochs_for(max_epochs: int, max_iterations: int, epoch_length: int) -> int:
+    """Training length in epochs: ``max_epochs``, or enough epochs for ``max_iterations`` steps when that is > 0."""
+    if max_iterations and max_iterations > 0:
+        return max(1, -(-int(max_iterations) // max(int(epoch_length), 1)))
+    if max_epochs < 1:
+        raise ConfigError(f"max_epochs must be >= 1, got {max_epochs}")
+    return int(max_epochs)

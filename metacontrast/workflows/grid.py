@@ -1,0 +1,172 @@
+"""The results grid: pre-train each method once, fine-tune + evaluate every (method, L, seed), tabulate.
+
+A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``:
+
+* ``random`` -- no pre-training (random-init baseline);
+* ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
+* ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
+  ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
+* ``gcl+mean_teacher`` -- fine-tuning with the ``semi_supervised`` add-on.
+
+Every workflow runs in this process through ``monai.bundle.run`` with the same MLflow store, and a
+combination is skipped when the store already holds its FINISHED run (pre-training: the encoder file
+exists too), so an interrupted grid resumes where it stopped.  The table and plot are then made from
+the store alone by :func:`metacontrast.workflows.results.write_results`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import run as run_bundle
+
+from .. import REPO_ROOT
+from .results import write_results
+from .tracking import completed_runs
+
+COMMON = REPO_ROOT / "bundles" / "common" / "configs"
+
+
+@dataclass
+class MethodSpec:
+    """How to run one row of the table."""
+
+    name: str
+    bundle: str | None
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pretrain_config(self) -> Path:
+        return REPO_ROOT / "bundles" / str(self.bundle) / "configs" / "pretrain.json"
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``gcl/naive_sum+mean_teacher`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher fine-tuning."""
+    base, _, semi = name.partition("+")
+    bundle, _, variant = base.partition("/")
+    finetune = {"semi_supervised": semi} if semi else {}
+    if bundle == "random":
+        if variant:
+            raise ValueError(f"method {name!r}: random init has no variants")
+        return MethodSpec(name, None, {}, finetune)
+    config = REPO_ROOT / "bundles" / bundle / "configs" / "pretrain.json"
+    if not config.is_file():
+        known = sorted(p.parent.parent.name for p in REPO_ROOT.glob("bundles/*/configs/pretrain.json"))
+        raise ValueError(f"method {name!r}: no bundle {bundle!r} ({config} missing); known: random, {', '.join(known)}")
+    row: dict[str, dict[str, Any]] = {}
+    if variant:
+        ablations_file = config.parent / "ablations.json"
+        ablations = json.loads(ablations_file.read_text()) if ablations_file.is_file() else {}
+        if variant not in ablations or variant.startswith("_"):
+            raise ValueError(f"method {name!r}: {ablations_file} defines no variant {variant!r} (has {sorted(ablations)})")
+        row = ablations[variant]
+    return MethodSpec(name, bundle, dict(row.get("pretrain", {})), {**row.get("finetune", {}), **finetune})
+
+
+class ResultsGrid:
+    """Runs and tabulates a grid.  See :func:`run_grid` for the arguments."""
+
+    def __init__(self, dataset: str, dataset_dir: str, methods: Sequence[str], labeled: Sequence[int], seeds: Sequence[int],
+                 preset: str | None = "cpu", runs_dir: str = "runs", results_dir: str = "results", tracking_uri: str = "",
+                 overrides: dict[str, Any] | None = None, pretrain_overrides: dict[str, Any] | None = None,
+                 finetune_overrides: dict[str, Any] | None = None) -> None:
+        self.dataset, self.dataset_dir = dataset, str(dataset_dir)
+        self.methods = [parse_method(m) for m in methods]
+        self.labeled, self.seeds = [int(x) for x in labeled], [int(s) for s in seeds]
+        self.runs_dir = Path(runs_dir)
+        self.results_dir = Path(results_dir) / dataset
+        self.tracking_uri = tracking_uri or f"sqlite:///{(self.runs_dir / dataset / 'mlruns.db').resolve()}"
+        self.experiment_name = f"metacontrast-{dataset}"
+        self.presets = [str(COMMON / "presets" / f"{preset}.json")] if preset else []
+        self.common = {"dataset": dataset, "dataset_dir": self.dataset_dir, "tracking_uri": self.tracking_uri,
+                       "experiment_name": self.experiment_name, "runs_dir": str(self.runs_dir), **(overrides or {})}
+        self.pretrain_extra = dict(pretrain_overrides or {})
+        self.finetune_extra = dict(finetune_overrides or {})
+        self.failures: list[str] = []
+
+    def _done(self, workflow: str, method: str, **tags: Any) -> bool:
+        found = completed_runs(self.tracking_uri, self.experiment_name, {"workflow": workflow, "method": method, "dataset": self.dataset, **tags})
+        return bool(found)
+
+    def _run(self, what: str, config_files: list[str], overrides: dict[str, Any]) -> bool:
+        print(f"[grid] {what}", flush=True)
+        start = time.perf_counter()
+        try:
+            run_bundle(config_file=config_files, **overrides)
+        except Exception:  # noqa: BLE001 - one failed run must not stop the grid; it is reported at the end
+            self.failures.append(what)
+            traceback.print_exc()
+            print(f"[grid] FAILED {what}", flush=True)
+            return False
+        print(f"[grid] done {what} in {time.perf_counter() - start:.1f} s", flush=True)
+        return True
+
+    def pretrain(self, spec: MethodSpec) -> str:
+        """Run (or reuse) the method's pre-training; returns the encoder checkpoint ('' for random init)."""
+        if spec.bundle is None:
+            return ""
+        base = spec.name.split("+")[0]
+        if not spec.pretrain_overrides and "/" in base:  # a fine-tune-only variant reuses the bundle's pre-training
+            base = spec.bundle
+        out = self.runs_dir / self.dataset / base / "pretrain"
+        encoder = out / "encoder.pt"
+        if encoder.is_file() and self._done("pretrain", base):
+            print(f"[grid] skip pretrain {base}: finished run in the store")
+            return str(encoder)
+        overrides = {**self.common, **spec.pretrain_overrides, **self.pretrain_extra, "method": base, "output_dir": str(out)}
+        ok = self._run(f"pretrain {base}", [str(spec.pretrain_config), *self.presets], overrides)
+        return str(encoder) if ok and encoder.is_file() else ""
+
+    def finetune_and_evaluate(self, spec: MethodSpec, encoder: str, num_labeled: int, seed: int) -> None:
+        if self._done("evaluate", spec.name, num_labeled=num_labeled, seed=seed):
+            print(f"[grid] skip {spec.name} L={num_labeled} seed={seed}: finished evaluate run in the store")
+            return
+        out = self.runs_dir / self.dataset / spec.name / f"L{num_labeled}_seed{seed}"
+        overrides = {**self.common, **spec.finetune_overrides, **self.finetune_extra, "method": spec.name,
+                     "num_labeled": num_labeled, "seed": seed, "output_dir": str(out), "pretrained_ckpt": encoder}
+        tag = f"{spec.name} L={num_labeled} seed={seed}"
+        if self._run(f"finetune {tag}", [str(COMMON / "finetune.json"), *self.presets], overrides):
+            self._run(f"evaluate {tag}", [str(COMMON / "evaluate.json"), *self.presets], {**overrides, "ckpt": str(out / "model.pt")})
+
+    def run(self) -> dict[str, Path]:
+        for spec in self.methods:
+            encoder = self.pretrain(spec)
+            if spec.bundle is not None and not encoder:
+                print(f"[grid] no encoder for {spec.name}; its fine-tunes are skipped")
+                continue
+            for num_labeled in self.labeled:
+                for seed in self.seeds:
+                    self.finetune_and_evaluate(spec, encoder, num_labeled, seed)
+        paths = write_results(self.tracking_uri, self.dataset, self.results_dir, [m.name for m in self.methods], self.labeled,
+                              experiment_name=self.experiment_name)
+        status = f"{len(self.failures)} failed: {self.failures}" if self.failures else "all runs finished"
+        print(f"[grid] {status}; table {paths['table']}, plot {paths['plot']}, runs in {self.tracking_uri}")
+        return paths
+
+
+def run_grid(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[str] = ("random", "gcl"),
+             labeled: Sequence[int] = (1, 2, 8), seeds: Sequence[int] = (0, 1, 2), preset: str | None = "cpu",
+             runs_dir: str = "runs", results_dir: str = "results", tracking_uri: str = "",
+             overrides: dict[str, Any] | None = None, pretrain_overrides: dict[str, Any] | None = None,
+             finetune_overrides: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Run the grid and write ``results/<dataset>/``.
+
+    Args:
+        dataset: manifest name (``data_manifests/<dataset>.json``).  dataset_dir: the raw data root.
+        methods: table rows (see the module docstring).  labeled: the L values.  seeds: fine-tune seeds.
+        preset: ``bundles/common/configs/presets/<preset>.json`` merged over every config (``None``: paper scale).
+        overrides / pretrain_overrides / finetune_overrides: extra ``--key value`` pairs for all / pre-training /
+            fine-tune-and-evaluate workflows (e.g. ``{"max_volumes": 4}`` for a smoke run).
+    """
+    if not dataset_dir:
+        raise ValueError("dataset_dir is required: the folder the manifest's paths are relative to")
+    grid = ResultsGrid(dataset, dataset_dir, methods, labeled, seeds, preset, runs_dir, results_dir, tracking_uri,
+                       overrides, pretrain_overrides, finetune_overrides)
+    return grid.run()

@@ -1,0 +1,115 @@
+"""Results CSV, Markdown table and plot, made from real evaluate runs in a real MLflow store."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metacontrast.workflows.results import write_results
+from metacontrast.workflows.tracking import TrackingRun, start_run
+
+NAN = float("nan")
+# (method, L, seed) -> (test_dice_mean, test_hd95_mean, test_asd_mean), as the evaluate workflow logs them
+LOGGED = {
+    ("random", 1, 0): (0.60, 12.0, 3.0),
+    ("random", 1, 1): (0.58, 14.0, 3.5),
+    ("random", 1, 2): (0.61, 13.0, 3.2),
+    ("random", 2, 0): (0.68, 9.0, 2.0),
+    ("random", 2, 1): (0.69, 8.0, 2.2),
+    ("gcl+mean_teacher", 1, 0): (0.72, NAN, NAN),  # every prediction empty somewhere: no distances
+    ("gcl+mean_teacher", 1, 1): (0.74, 10.0, 2.5),
+}
+SUPERSEDED = ("random", 1, 0, (0.10, 99.0, 9.0))  # an older evaluation of the same (method, L, seed)
+
+
+def _log(
+    out_dir: Path, method: str, num_labeled: int, seed: int, values: tuple[float, float, float], **kw: str
+) -> TrackingRun:
+    tags = {"workflow": "evaluate", "method": method, "dataset": "acdc", "num_labeled": num_labeled, "seed": seed}
+    tags.update(kw)
+    run = start_run("", "grid", f"evaluate-{method}-L{num_labeled}-s{seed}", tags, out_dir, config={"seed": seed})
+    run.log_metrics(dict(zip(("test_dice_mean", "test_hd95_mean", "test_asd_mean"), values)), step=0)
+    return run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("grid")
+    method, num_labeled, seed, values = SUPERSEDED
+    _log(out_dir, method, num_labeled, seed, values).end()
+    time.sleep(0.01)  # MLflow orders by start time in milliseconds
+    for (method, num_labeled, seed), values in LOGGED.items():
+        _log(out_dir, method, num_labeled, seed, values).end()
+    _log(out_dir, "random", 8, 0, (0.9, 1.0, 1.0)).end("FAILED")  # not finished: not in any table
+    _log(out_dir, "random", 1, 0, (0.1, 1.0, 1.0), dataset="hippocampus").end()  # another dataset
+    _log(out_dir, "random", 1, 0, (0.1, 1.0, 1.0), workflow="finetune").end()  # not an evaluate run
+    return out_dir
+
+
+def _cell(values: list[float], decimals: int) -> str:
+    arr = np.asarray([v for v in values if not np.isnan(v)])
+    return f"{arr.mean():.{decimals}f} ± {arr.std():.{decimals}f}"
+
+
+def _row(table: str, method: str) -> list[str]:
+    line = next(line for line in table.splitlines() if f'id="method-{method}"' in line)
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_write_results_from_runs(store: Path, tmp_path: Path) -> None:
+    paths = write_results("", "acdc", tmp_path / "results" / "acdc", output_dir=store)
+
+    with open(paths["csv"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(LOGGED) + 1  # every finished acdc evaluate run, the superseded one included
+    used = {(r["method"], int(r["num_labeled"]), int(r["seed"])): r for r in rows if r["used"] == "True"}
+    assert set(used) == set(LOGGED)
+    assert float(used[("random", 1, 0)]["test_dice_mean"]) == pytest.approx(0.60)
+    assert all(len(r["run_id"]) == 32 and r["config_hash"] for r in rows)
+
+    table = paths["table"].read_text()
+    header = [cell.strip() for cell in table.splitlines()[2].strip("|").split("|")]
+    groups = [f"{metric} L={num}" for metric in ("Dice", "HD95 (mm)", "ASD (mm)") for num in (1, 2)]
+    assert header == ["Method", *groups, "Seeds"]
+    random_l1 = [v for k, v in LOGGED.items() if k[:2] == ("random", 1)]
+    random_l2 = [v for k, v in LOGGED.items() if k[:2] == ("random", 2)]
+    assert _row(table, "random")[1:] == [
+        _cell([v[0] for v in random_l1], 3), _cell([v[0] for v in random_l2], 3),
+        _cell([v[1] for v in random_l1], 2), _cell([v[1] for v in random_l2], 2),
+        _cell([v[2] for v in random_l1], 2), _cell([v[2] for v in random_l2], 2),
+        "3/2",
+    ]  # fmt: skip
+    assert _row(table, "random")[1] == "0.597 ± 0.012"  # the superseded 0.10 is not in it
+    gcl = _row(table, "gcl+mean_teacher")
+    assert gcl[1] == "0.730 ± 0.010" and gcl[2] == "–"  # no L=2 run
+    assert gcl[3] == "10.00 ± 0.00†"  # one seed had no HD95: mean of the other, marked
+    assert gcl[-1] == "2/0"
+
+    png = paths["plot"].read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+    again = write_results("", "acdc", tmp_path / "again", output_dir=store)
+    assert again["table"].read_text() == table and again["csv"].read_bytes() == paths["csv"].read_bytes()
+    assert again["plot"].read_bytes() == png  # no time stamps: same runs, same bytes
+
+
+def test_methods_select_and_order_rows(store: Path, tmp_path: Path) -> None:
+    paths = write_results("", "acdc", tmp_path, ["gcl+mean_teacher", "spcl"], labeled=[8, 1, 2], output_dir=store)
+    table = paths["table"].read_text()
+    methods = [line.split("</a>")[1].split("|")[0].strip() for line in table.splitlines() if "</a>" in line]
+    assert methods == ["gcl+mean_teacher", "spcl"]
+    assert "| Dice L=1 | Dice L=2 | Dice L=8 |" in table
+    assert _row(table, "gcl+mean_teacher")[1:4] == ["0.730 ± 0.010", "–", "–"]
+    assert _row(table, "gcl+mean_teacher")[-1] == "2/0/0"
+    assert _row(table, "spcl")[1:] == ["–"] * 9 + ["0/0/0"]
+    with open(paths["csv"], newline="") as handle:
+        assert {r["method"] for r in csv.DictReader(handle)} == {"gcl+mean_teacher"}
+
+
+def test_no_runs_is_an_error(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(LookupError, match="prostate"):
+        write_results("", "prostate", tmp_path, output_dir=store)
