@@ -100,7 +100,8 @@ def bench(
     with_labels = all(e.get("label") for e in entries)
     lines = [
         f"# bench_preprocessing: {len(entries)} ACDC volumes (datalist: {source}), labels: {with_labels}",
-        f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {threads}",
+        f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {threads}, "
+        f"load average at start {os.getloadavg()[0]:.1f} (other processes share these cores)",
     ]
     print("\n".join(lines), flush=True)
     for name in (presets,) if isinstance(presets, str) else presets:

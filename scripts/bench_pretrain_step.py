@@ -29,7 +29,7 @@ from metacontrast.engines import GradFilter, GradMitigator, MultiLossTrainer, Tw
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss, nt_xent  # noqa: E402
 from metacontrast.nets import EncoderWithHeads, ProjectionHead, UNetEncoder, pooled_embedding  # noqa: E402
 
-SCALES = {"cpu": ((16, 32, 64, 128, 256, 16), 96), "full": ((32, 64, 128, 256, 512, 32), 192)}
+SCALES = {"cpu": ((16, 32, 64, 128, 256), 96), "full": ((32, 64, 128, 256, 512), 192)}
 META = ("patient_id", "slice_quantile", "organ_state")
 
 
@@ -56,7 +56,7 @@ class _PlainLoss(torch.nn.Module):
 def _time_variant(variant: str, features, batch, device, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
     encoder = UNetEncoder(features=features)
-    width = features[4]
+    width = features[-1]
     network = EncoderWithHeads(encoder, {"img": ProjectionHead(width, width, 128), "pix": ProjectionHead(width, width, 128)}).to(device)
     grad_filter = GradFilter(total_steps=100)
     handlers = []

@@ -219,3 +219,40 @@ def test_grad_filter_matches_brute_force_autograd():
 def test_grad_filter_disabled_keeps_whole_pool():
     grad_filter = GradFilter(total_steps=10, enabled=False)
     assert grad_filter.select(torch.rand(2, 3, 7)).all()
+
+
+def test_as_printed_cosine_uses_the_other_gradients_norm():
+    """Alg. 1 line 6 as printed divides by ||g_j'|| ||g_j||: for i = 0 that is ||g_1||^2, not ||g_0|| ||g_1||."""
+    g = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    printed = GradMitigator(beta=1.0, cosine_norm="as_printed")
+    printed.modified_gradients(g, torch.zeros(2, dtype=torch.long), 1)
+    assert float(printed.last_cosines[0, 0, 1]) == pytest.approx(min(3.0 / 2.0, 1.0))  # g0.g1 / ||g1||^2, clamped
+    corrected = GradMitigator(beta=1.0)
+    corrected.modified_gradients(g, torch.zeros(2, dtype=torch.long), 1)
+    assert float(corrected.last_cosines[0, 0, 1]) == pytest.approx(3.0 / (3.0 * math.sqrt(2)))
+
+
+def _eq5_autograd(u_map, z_map, positives, tau, k_fraction):
+    """Eq. 5 with torch ops per pair (autograd reference for the closed-form backward)."""
+    u = F.normalize(u_map.flatten(2), dim=1)
+    z = F.normalize(z_map.flatten(2), dim=1).detach()
+    hw = u.shape[2]
+    k = math.ceil(k_fraction * hw)
+    pair_losses = []
+    for i, j in positives.nonzero().tolist():
+        logits = u[i].T @ u[j] / tau  # (hw, hw)
+        pool = (z[i].T @ z[j]).topk(k, dim=-1).indices
+        negatives = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, pool, False)
+        neg_lse = logits.masked_fill(~negatives, float("-inf")).logsumexp(-1, keepdim=True)
+        pair_losses.append(F.softplus(neg_lse - logits.gather(-1, pool)).mean())
+    return torch.stack(pair_losses).mean()
+
+
+def test_pixel_loss_gradient_matches_autograd():
+    """The closed-form backward of the pair losses equals autograd through Eq. 5."""
+    torch.manual_seed(5)
+    u_map, z_map = torch.randn(6, 4, 3, 3, requires_grad=True), torch.randn(6, 5, 3, 3)
+    positives = meta_label_positive_mask(torch.tensor([0, 1, 0]))
+    (grad,) = torch.autograd.grad(PixelContrastiveLoss(0.1, 0.3)(u_map, z_map, positives), u_map)
+    (expected,) = torch.autograd.grad(_eq5_autograd(u_map, z_map, positives, 0.1, 0.3), u_map)
+    torch.testing.assert_close(grad, expected)

@@ -10,9 +10,10 @@ individually"):
         g_i' <- g_i' + ||g_i'|| (w^ sqrt(1 - w^2) - w sqrt(1 - w^^2)) / (||g_j|| sqrt(1 - w^^2)) g_j   (Eq. 3)
 
 and the update is the mean of the ``g_i'`` (Alg. 1 line 13).  Line 6 of Algorithm 1 as printed divides
-by ``||g_j'|| ||g_j||``; the cosine it names needs ``||g_i'|| ||g_j||``, which is what we use
-(``cosine_norm="corrected"``; ``"as_printed"`` is not offered because ``g_j'`` is undefined at that
-point of the loop).  The EMA targets are kept per parameter tensor and ordered pair and are saved in
+by ``||g_j'|| ||g_j||``; the cosine it names (and Eq. 3's geometry, which makes ``cos(g_i', g_j)`` hit the
+target) needs ``||g_i'|| ||g_j||``.  ``cosine_norm="corrected"`` (default) uses the latter;
+``"as_printed"`` reproduces the typo for comparison, reading ``g_j'`` as the already-modified gradient
+when ``j < i`` and as ``g_j`` otherwise (the value is clamped to [-1, 1]).  The EMA targets are kept per parameter tensor and ordered pair and are saved in
 checkpoints through ``state_dict``.  Parameters outside ``mitigated_prefixes`` (the projection heads)
 get the plain average of the per-label gradients.
 
@@ -42,12 +43,17 @@ class GradMitigator:
     Args:
         beta: EMA weight of the target cosine (0.01 in the paper); must be in (0, 1].
         mitigated_prefixes: parameter-name prefixes treated per tensor by Alg. 1 (the encoder).
+        cosine_norm: ``"corrected"`` or ``"as_printed"`` (see the module docstring).
         eps: guards norms of all-zero gradients.
     """
 
-    def __init__(self, beta: float = 0.01, mitigated_prefixes: Sequence[str] = ("encoder.",), eps: float = 1e-12) -> None:
+    def __init__(self, beta: float = 0.01, mitigated_prefixes: Sequence[str] = ("encoder.",), cosine_norm: str = "corrected",
+                 eps: float = 1e-12) -> None:
         if not 0 < beta <= 1:
             raise ValueError(f"GradMitigator beta must be in (0, 1], got {beta}")
+        if cosine_norm not in ("corrected", "as_printed"):
+            raise ValueError(f"cosine_norm must be 'corrected' or 'as_printed', got {cosine_norm!r}")
+        self.cosine_norm = cosine_norm
         self.beta = beta
         self.mitigated_prefixes = tuple(mitigated_prefixes)
         self.eps = eps
@@ -76,6 +82,7 @@ class GradMitigator:
         self.targets = self.targets.to(grads.device, grads.dtype)
         cosines = torch.zeros_like(self.targets)
         sq_norms = torch.stack([segment_sum(g * g, segments, num_segments) for g in grads])  # (M, S)
+        modified_sq_norms = sq_norms.clone()  # ||g_j'||^2, final once row j has been processed
         modified = []
         for i in range(num_objectives):
             g_i = grads[i].clone()
@@ -85,7 +92,8 @@ class GradMitigator:
                     continue
                 norm_i, norm_j = sq_norm_i.sqrt(), sq_norms[j].sqrt()
                 dot = segment_sum(g_i * grads[j], segments, num_segments)
-                w = (dot / (norm_i * norm_j).clamp_min(self.eps)).clamp(-1.0, 1.0)
+                first_norm = norm_i if self.cosine_norm == "corrected" else modified_sq_norms[j].sqrt()
+                w = (dot / (first_norm * norm_j).clamp_min(self.eps)).clamp(-1.0, 1.0)
                 target = (1 - self.beta) * self.targets[:, i, j] + self.beta * w
                 self.targets[:, i, j] = target
                 cosines[:, i, j] = w
@@ -98,6 +106,7 @@ class GradMitigator:
                     # ||g_i + mu g_j||^2 without another pass over P
                     sq_norm_i = (sq_norm_i + 2 * mu * dot + mu**2 * sq_norms[j]).clamp_min(0)
             modified.append(g_i)
+            modified_sq_norms[i] = sq_norm_i
         self.last_cosines = cosines
         self.steps += 1
         return torch.stack(modified)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..nets.heads import pooled_embedding
 from .contrastive import meta_label_positive_mask, multi_positive_info_nce, positive_mask, view_ids
-from .pixel_contrastive import PixelContrastiveLoss
+from .pixel_contrastive import PixelContrastiveLoss, masked_pair_mean
 
 
 class GCLLoss(nn.Module):
@@ -58,12 +58,15 @@ class GCLLoss(nn.Module):
         if not masks:
             masks = {"views": positive_mask(view_ids(num_slices, z.device))}
         objectives, terms = {}, {}
+        if self.pixel_loss is not None:  # every pair's value is shared by the meta labels: evaluate the union once
+            union = torch.stack(list(masks.values())).any(dim=0)
+            pair_losses = self.pixel_loss.pair_losses(outputs[self.pixel_key], outputs[self.image_key], union)
         for name, positives in masks.items():
             image_term = multi_positive_info_nce(z, positives, self.temperature)
             objective = image_term
             terms[f"img/{name}"] = float(image_term.detach())
             if self.pixel_loss is not None:
-                pixel_term = self.pixel_loss(outputs[self.pixel_key], outputs[self.image_key], positives)
+                pixel_term = masked_pair_mean(pair_losses, positives)
                 objective = objective + pixel_term
                 terms[f"pix/{name}"] = float(pixel_term.detach())
                 terms[f"kept_positives/{name}"] = self.pixel_loss.last_kept_fraction

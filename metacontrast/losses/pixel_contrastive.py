@@ -1,4 +1,4 @@
-"""GCL's pixel-wise contrastive loss (GCL paper Sec. 3.3, Eqs. 5-7), vectorised over pixels and pairs.
+"""GCL's pixel-wise contrastive loss (GCL paper Sec. 3.3, Eqs. 5-7), vectorised over pixels and image pairs.
 
 For every image-wise positive pair ``(i, j)`` under a meta label (the mask of Eq. 1), each anchor pixel
 ``i(u)`` takes the top-K most similar pixels of ``x_j`` as its positive pool ``P_u``; the affinity
@@ -7,8 +7,13 @@ negatives ``N_u``.  With ``u = h_pix(f(x))`` normalised per pixel, Eq. 5 for one
 
     L_u = -1/|P_u| sum_{u+ in P_u} log( exp(u.u+/tau) / (exp(u.u+/tau) + sum_{u- in N_u} exp(u.u-/tau)) )
 
-which per positive is ``softplus(lse_{N_u}(u.u-/tau) - u.u+/tau)``.  The loss is the mean over anchor
-pixels and pairs.  GradFilter (Eq. 8) may drop positives from each pool before averaging.
+which per positive is ``softplus(lse_{N_u}(u.u-/tau) - u.u+/tau)``.  The loss of a pair is the mean over
+its anchor pixels, and the loss of a meta label the mean over its positive pairs.
+
+The value of a pair does not depend on the meta label -- only which pairs count does -- so
+:meth:`PixelContrastiveLoss.pair_losses` evaluates every pair of the batch once, as dense
+``(B, hw, B, hw)`` tensors (one matmul for all similarities), and each meta label takes a masked mean of
+the resulting ``(B, B)`` matrix.  GradFilter (Eq. 8) may drop positives from each pool first.
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ def _pixels(feature_map: torch.Tensor) -> torch.Tensor:
     return F.normalize(feature_map.flatten(2).transpose(1, 2), dim=-1)
 
 
+def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(Ba, n, D) x (Bb, m, D) -> (Ba, n, Bb, m) dot products of every pixel pair, one matmul."""
+    return (a.reshape(-1, a.shape[-1]) @ b.reshape(-1, b.shape[-1]).T).view(a.shape[0], a.shape[1], b.shape[0], b.shape[1])
+
+
 def positive_gradient_norms(
-    anchors: torch.Tensor,
-    others: torch.Tensor,
-    logits: torch.Tensor,
-    pool: torch.Tensor,
-    negatives: torch.Tensor,
-    temperature: float,
+    logits: torch.Tensor, pool: torch.Tensor, negatives: torch.Tensor, grams: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """Magnitude of the gradient each positive induces, in closed form (Eq. 7 through the embedding layer).
 
@@ -43,43 +48,45 @@ def positive_gradient_norms(
     softmax-weighted mean of the negatives.  Through the normalisation and ``W``,
     ``||dl/dW|| = ||(I - u u^T) dl/du|| * ||r|| / ||v||``; the last two factors are shared by every
     positive of the anchor, so the ranking uses ``(1 - p+)/tau * ||(I - u u^T)(m - u+)||``, returned here.
-    Gradients flow through the anchor only (positives and negatives act as targets).
+    Gradients flow through the anchor only (positives and negatives act as targets).  With the
+    negatives' weights ``w`` and the Gram matrix ``G_j`` of image ``j``'s unit embeddings, every term is a
+    contraction of ``w`` and ``G_j``, so ``m`` is never formed:
+    ``m.u+ = (w G_j)[u+]``, ``||m||^2 = (w G_j) . w``, ``u.m = tau * (w . logits)``.
 
     Args:
-        anchors: (P, hw, D) unit anchor embeddings ``u`` of image ``i`` for each pair.
-        others: (P, hw, D) unit embeddings of image ``j``.
-        logits: (P, hw, hw) ``u . u_j / tau``.
-        pool: (P, hw, k) indices of each anchor's positives in ``x_j``.
-        negatives: (P, hw, hw) bool, True for ``N_u``.
+        logits: (Bi, hw, Bj, hw) ``u . u_j / tau`` for anchor images ``i`` and other images ``j``.
+        pool: (Bi, hw, Bj, k) indices of each anchor's positives in ``x_j``.
+        negatives: (Bi, hw, Bj, hw) bool, True for ``N_u``.
+        grams: (Bj, hw, hw) ``G_j = U_j U_j^T``.
     Returns:
-        (P, hw, k) gradient magnitudes, one per positive.
+        (Bi, hw, Bj, k) gradient magnitudes, one per positive.
     """
     neg_logits = logits.masked_fill(~negatives, float("-inf"))
-    neg_lse = neg_logits.logsumexp(dim=-1, keepdim=True)                     # (P, hw, 1)
-    neg_weights = torch.nan_to_num(torch.softmax(neg_logits, dim=-1))         # (P, hw, hw), 0 if no negatives
-    mean_negative = neg_weights @ others                                      # m: (P, hw, D)
-    pos_logit = logits.gather(-1, pool)                                       # (P, hw, k)
+    neg_lse = neg_logits.logsumexp(dim=-1, keepdim=True)
+    weights = torch.nan_to_num(torch.softmax(neg_logits, dim=-1))            # w, 0 where no negatives
+    weighted_gram = torch.einsum("iujv,jvw->iujw", weights, grams)           # w G_j
+    pos_logit = logits.gather(-1, pool)
     p_pos = torch.sigmoid(pos_logit - neg_lse)
-    u_dot_pos = pos_logit * temperature                                       # u . u+
-    u_dot_m = (anchors * mean_negative).sum(-1, keepdim=True)                 # u . m
-    m_dot_pos = (mean_negative @ others.transpose(1, 2)).gather(-1, pool)     # m . u+
-    m_sq = (mean_negative * mean_negative).sum(-1, keepdim=True)
+    u_dot_pos = pos_logit * temperature
+    u_dot_m = (weights * logits).sum(-1, keepdim=True) * temperature
+    m_dot_pos = weighted_gram.gather(-1, pool)
+    m_sq = (weighted_gram * weights).sum(-1, keepdim=True)
     # ||(I - u u^T)(m - u+)||^2 = ||m - u+||^2 - (u.(m - u+))^2 with ||u+|| = 1
     tangential_sq = m_sq - 2 * m_dot_pos + 1 - (u_dot_m - u_dot_pos) ** 2
     return (1 - p_pos) / temperature * tangential_sq.clamp_min(0).sqrt()
 
 
 class PixelContrastiveLoss(nn.Module):
-    """Eq. 5 over all image-wise positive pairs of one meta label.
+    """Eq. 5 over image-wise positive pairs.
 
     Args:
         temperature: tau (0.1 in the paper).
         top_k: K, the share of ``x_j``'s pixels forming each pool (0.3 in the paper).
         grad_filter: optional :class:`GradFilter`; ``None`` or disabled uses the whole pool.
-        pair_chunk: pairs processed at once, to bound memory (results do not depend on it).
+        anchor_chunk: anchor images processed at once, to bound memory (results do not depend on it).
     """
 
-    def __init__(self, temperature: float = 0.1, top_k: float = 0.3, grad_filter: GradFilter | None = None, pair_chunk: int = 4096) -> None:
+    def __init__(self, temperature: float = 0.1, top_k: float = 0.3, grad_filter: GradFilter | None = None, anchor_chunk: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -88,7 +95,7 @@ class PixelContrastiveLoss(nn.Module):
         self.temperature = temperature
         self.top_k = top_k
         self.grad_filter = grad_filter
-        self.pair_chunk = pair_chunk
+        self.anchor_chunk = anchor_chunk
         self.last_kept_fraction = 1.0
 
     def forward(self, pixel_embeddings: torch.Tensor, affinity_features: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -98,36 +105,89 @@ class PixelContrastiveLoss(nn.Module):
             affinity_features: (2N, D', h, w) ``h_img`` output before pooling (detached for Eq. 6).
             positives: (2N, 2N) bool image-wise positive mask (Eq. 1's ``P_i^m``).
         Returns:
-            scalar loss (0 when the batch holds no positive pair).
+            scalar: mean of the pair losses over the positive pairs (0 without any).
+        """
+        return masked_pair_mean(self.pair_losses(pixel_embeddings, affinity_features, positives), positives)
+
+    def pair_losses(self, pixel_embeddings: torch.Tensor, affinity_features: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+        """(B, B) loss of every image pair ``(i, j)`` (mean over anchor pixels of ``x_i``); pairs outside
+        ``needed`` hold 0 and pass no gradient.
+
+        The value and its local gradient with respect to the logits are computed together without
+        autograd (:class:`_PairLosses`), so a backward pass -- GradMitigator runs one per meta label -- costs
+        one matmul instead of a traversal of every elementwise step over the (B, hw, B, hw) tensors.
         """
         u = _pixels(pixel_embeddings)
-        z = _pixels(affinity_features.detach())
-        pairs = positives.nonzero()
-        if len(pairs) == 0:
-            return pixel_embeddings.sum() * 0.0
-        pool_size = max(1, min(u.shape[1], math.ceil(self.top_k * u.shape[1])))
-        losses, kept = [], []
-        for chunk in pairs.split(self.pair_chunk):
-            loss, keep = self._pair_losses(u[chunk[:, 0]], u[chunk[:, 1]], z[chunk[:, 0]], z[chunk[:, 1]], pool_size)
-            losses.append(loss)
-            kept.append(keep)
-        self.last_kept_fraction = float(torch.cat(kept).float().mean())
-        return torch.cat(losses).mean()
-
-    def _pair_losses(self, u_i, u_j, z_i, z_j, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-(pair, anchor pixel) losses (P*hw,) and the kept-positive mask (P, hw, k)."""
         with torch.no_grad():
-            pool = (z_i @ z_j.transpose(1, 2)).topk(pool_size, dim=-1).indices     # Eq. 6 top-K: (P, hw, k)
-            negatives = torch.ones(u_i.shape[0], u_i.shape[1], u_j.shape[1], dtype=torch.bool, device=u_i.device)
-            negatives.scatter_(-1, pool, False)
-        logits = u_i @ u_j.transpose(1, 2) / self.temperature                      # (P, hw, hw)
-        neg_lse = logits.masked_fill(~negatives, float("-inf")).logsumexp(dim=-1, keepdim=True)
-        per_positive = F.softplus(neg_lse - logits.gather(-1, pool))               # (P, hw, k)
-        if self.grad_filter is not None and self.grad_filter.enabled:
-            with torch.no_grad():
-                norms = positive_gradient_norms(u_i, u_j, logits, pool, negatives, self.temperature)
-                keep = self.grad_filter.select(norms)
+            z = _pixels(affinity_features)
+            batch, hw = u.shape[0], u.shape[1]
+            pool_size = max(1, min(hw, math.ceil(self.top_k * hw)))
+            grams = u @ u.transpose(1, 2) if self._filtering else None
+            chunk = self.anchor_chunk or batch
+            parts = [self._anchor_rows(u[s : s + chunk], u, z[s : s + chunk], z, pool_size, grams, needed[s : s + chunk])
+                     for s in range(0, batch, chunk)]
+            losses = torch.cat([p[0] for p in parts])
+            local_grad = torch.cat([p[1] for p in parts])
+            kept = torch.cat([p[2] for p in parts])
+        self.last_kept_fraction = float(kept.sum() / needed.sum().clamp_min(1))
+        return _PairLosses.apply(u, losses, local_grad, self.temperature)
+
+    @property
+    def _filtering(self) -> bool:
+        return self.grad_filter is not None and self.grad_filter.enabled
+
+    def _anchor_rows(self, u_i, u_all, z_i, z_all, pool_size: int, grams, needed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For anchor images ``u_i`` against every image: pair losses (Bi, B), their gradient with respect to
+        the logits (Bi, hw, B, hw), and the number of kept positives per pair (Bi, B) averaged over anchors."""
+        hw = u_i.shape[1]
+        pool = _pairwise(z_i, z_all).topk(pool_size, dim=-1).indices           # Eq. 6 top-K: (Bi, hw, B, k)
+        negatives = torch.ones(*pool.shape[:3], u_all.shape[1], dtype=torch.bool, device=u_i.device)
+        negatives.scatter_(-1, pool, False)
+        logits = _pairwise(u_i, u_all) / self.temperature                      # (Bi, hw, B, hw)
+        neg_logits = logits.masked_fill(~negatives, float("-inf"))
+        neg_lse = neg_logits.logsumexp(dim=-1, keepdim=True)
+        pos_logits = logits.gather(-1, pool)
+        per_positive = F.softplus(neg_lse - pos_logits)                        # (Bi, hw, B, k)
+        if self._filtering:
+            keep = self.grad_filter.select(positive_gradient_norms(logits, pool, negatives, grams, self.temperature)).to(logits.dtype)
         else:
-            keep = torch.ones_like(per_positive, dtype=torch.bool)
-        per_anchor = (per_positive * keep).sum(-1) / keep.sum(-1)
-        return per_anchor.flatten(), keep
+            keep = torch.ones_like(per_positive)
+        weight = keep / keep.sum(-1, keepdim=True) / hw                       # each kept positive's share of the pair loss
+        losses = (per_positive * weight).sum(dim=(1, 3))                       # (Bi, B)
+        # d loss / d logit: -sigmoid(lse_N - s+) per kept positive; its sum times softmax over N_u for negatives
+        pos_grad = -torch.sigmoid(neg_lse - pos_logits) * weight
+        local_grad = torch.nan_to_num(torch.softmax(neg_logits, dim=-1)) * (-pos_grad.sum(-1, keepdim=True))
+        local_grad.scatter_add_(-1, pool, pos_grad)
+        needed_f = needed.to(losses.dtype)
+        return losses * needed_f, local_grad * needed_f[:, None, :, None], (keep.sum(-1).mean(1) / pool_size) * needed_f
+
+
+class _PairLosses(torch.autograd.Function):
+    """Pair losses with a precomputed local gradient: ``d loss_ij / d logit_iujv`` -> ``d/dU``.
+
+    With ``logits = U U^T / tau`` over all (image, pixel) rows, a cotangent ``c`` (B, B) gives
+    ``dS = c_ij * G_iujv`` and ``dU = (dS + dS^T) U / tau``: one matmul per backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, losses: torch.Tensor, local_grad: torch.Tensor, temperature: float) -> torch.Tensor:
+        ctx.save_for_backward(u, local_grad)
+        ctx.temperature = temperature
+        return losses.clone()
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        u, local_grad = ctx.saved_tensors
+        batch, hw, dim = u.shape
+        d_logits = (local_grad * grad_losses[:, None, :, None]).reshape(batch * hw, batch * hw)
+        rows = u.reshape(batch * hw, dim)
+        d_u = (d_logits @ rows + d_logits.T @ rows) / ctx.temperature
+        return d_u.view(batch, hw, dim), None, None, None
+
+
+def masked_pair_mean(pair_losses: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean of a (B, B) pair-loss matrix over the pairs in ``positives`` (0, with a gradient, if none)."""
+    count = positives.sum()
+    if count == 0:
+        return pair_losses.sum() * 0.0
+    return (pair_losses * positives).sum() / count

@@ -1,7 +1,6 @@
 from .heads import EncoderWithHeads, ProjectionHead, pooled_embedding
 from .unet import (
-    DECODER_BLOCKS,
-    ENCODER_BLOCKS,
+    DEFAULT_CHANNELS,
     PretrainedWeightsMismatch,
     SegmentationUNet,
     UNetEncoder,

@@ -1,12 +1,13 @@
 """The 2D U-Net shared by every method, split so that pre-training can use the encoder alone.
 
-MONAI's :class:`~monai.networks.nets.BasicUNet` is the segmentation network (``features`` gives the
-widths of ``conv_0, down_1 .. down_4`` and the last decoder block).  Pre-training needs the encoder
-without the decoder, and some methods (GLCL, MACL) the first decoder blocks too, which ``BasicUNet``
-only offers through its monolithic ``forward``; :class:`SegmentationUNet` adds ``encode`` and
-``decode`` so every method uses the same modules under the same state-dict names.  A pre-training
-checkpoint is therefore a subset of the fine-tune network's state dict and loads with
-:func:`load_pretrained`.
+The segmentation network is MONAI's :class:`~monai.networks.nets.UNet` with residual units, e.g.
+``UNet(2, 1, 4, channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2), num_res_units=2)``: four
+strided down blocks, a bottom block with the deepest features (``channels[-1]`` at 1/16 resolution), and
+four up blocks.  MONAI builds it recursively (``Sequential(down, SkipConnection(inner), up)``) and only
+offers the whole forward pass; pre-training needs the encoder alone and some methods (GLCL, MACL) the
+first decoder blocks too, so :class:`SegmentationUNet` finds the blocks in MONAI's structure and adds
+``encode`` / ``decode``.  State-dict names are MONAI's, so a pre-training checkpoint is a subset of the
+fine-tune network's state dict and loads with :func:`load_pretrained`.
 """
 
 from __future__ import annotations
@@ -14,96 +15,122 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from monai.networks.nets import BasicUNet
+from monai.networks.layers import SkipConnection
+from monai.networks.nets import UNet
 from torch import nn
 
-ENCODER_BLOCKS = ("conv_0", "down_1", "down_2", "down_3", "down_4")
-DECODER_BLOCKS = ("upcat_4", "upcat_3", "upcat_2", "upcat_1")
+DEFAULT_CHANNELS = (32, 64, 128, 256, 512)
 
 
-class SegmentationUNet(BasicUNet):
-    """``BasicUNet`` (2D by default) with the encoder and decoder exposed separately.
+class SegmentationUNet(UNet):
+    """MONAI ``UNet`` (2D, residual units) with the encoder and decoder exposed separately.
 
     Args:
         in_channels: image channels.
         out_channels: number of classes including background.
-        features: six widths, ``(conv_0, down_1, down_2, down_3, down_4, upcat_1)``; the paper-scale
-            network is ``(32, 64, 128, 256, 512, 32)`` (deepest features 512).
+        features: widths of the four down blocks and the bottom block; the paper-scale network is
+            ``(32, 64, 128, 256, 512)`` (deepest features 512), the CPU preset halves them.
+        num_res_units: residual units per block (2 as in the project's reference network).
         spatial_dims: 2 for slice-wise training.
-        kwargs: passed to ``BasicUNet`` (``act``, ``norm``, ``dropout``, ``upsample``).
+        kwargs: passed to ``UNet`` (``norm``, ``act``, ``dropout``).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 4,
-        features: Sequence[int] = (32, 64, 128, 256, 512, 32),
-        spatial_dims: int = 2,
-        **kwargs,
-    ) -> None:
-        super().__init__(spatial_dims, in_channels, out_channels, tuple(features), **kwargs)
-        self.features = tuple(features)
+    def __init__(self, in_channels: int = 1, out_channels: int = 4, features: Sequence[int] = DEFAULT_CHANNELS,
+                 num_res_units: int = 2, spatial_dims: int = 2, **kwargs) -> None:
+        features = tuple(int(f) for f in features)
+        super().__init__(spatial_dims, in_channels, out_channels, channels=features, strides=(2,) * (len(features) - 1),
+                         num_res_units=num_res_units, **kwargs)
+        self.features = features
+        downs, ups = [], []
+        block: nn.Module = self.model
+        while True:  # Sequential(down, SkipConnection(inner), up), innermost: SkipConnection(bottom)
+            downs.append(block[0])
+            ups.append(block[2])
+            inner = block[1].submodule
+            if isinstance(inner, nn.Sequential) and len(inner) == 3 and isinstance(inner[1], SkipConnection):
+                block = inner
+            else:
+                bottom = inner
+                break
+        # kept in a tuple so they are not registered twice: they already are, under MONAI's names
+        self._blocks = (downs, bottom, ups[::-1])  # up blocks deepest first
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        """Down blocks then the bottom block."""
+        downs, bottom, _ = self._blocks
+        return [*downs, bottom]
+
+    def decoder_blocks(self, num_blocks: int | None = None) -> list[nn.Module]:
+        """Up blocks, deepest first (``decoder_blocks(l)``: the first ``l`` of them)."""
+        ups = self._blocks[2]
+        return ups[: len(ups) if num_blocks is None else num_blocks]
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``x`` (B, C, H, W) -> the five encoder outputs; the last is (B, features[4], H/16, W/16)."""
-        feats = [self.conv_0(x)]
-        for name in ENCODER_BLOCKS[1:]:
-            feats.append(getattr(self, name)(feats[-1]))
+        """``x`` (B, C, H, W) -> the outputs of every encoder block; the last is (B, features[-1], H/16, W/16)."""
+        feats = []
+        for block in self.encoder_blocks():
+            x = block(x)
+            feats.append(x)
         return feats
 
-    def decode(self, feats: Sequence[torch.Tensor], num_blocks: int = 4) -> torch.Tensor:
-        """Run the first ``num_blocks`` decoder blocks on ``encode``'s output.
+    def decode(self, feats: Sequence[torch.Tensor], num_blocks: int | None = None) -> torch.Tensor:
+        """Run the first ``num_blocks`` up blocks (all: the logits (B, out_channels, H, W)) on ``encode``'s output.
 
-        Returns the feature map after block ``num_blocks``: for 4 this is the last decoder layer
-        (B, features[5], H, W) before ``final_conv``; for ``l < 4`` it is at 1/2**(4-l) resolution.
+        Each up block sees ``cat(skip, deeper)`` as MONAI's ``SkipConnection`` builds it.
         """
         x = feats[-1]
-        for block_name, skip in zip(DECODER_BLOCKS[:num_blocks], reversed(feats[:-1])):
-            x = getattr(self, block_name)(x, skip)
+        for block, skip in zip(self.decoder_blocks(num_blocks), reversed(feats[:-1])):
+            x = block(torch.cat([skip, x], dim=1))
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, C, H, W) -> logits (B, out_channels, H, W)."""
-        return self.final_conv(self.decode(self.encode(x)))
+    def module_keys(self, modules: Sequence[nn.Module]) -> list[str]:
+        """State-dict keys of the parameters and buffers that belong to ``modules``."""
+        owned = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+        keep = {name for name, t in (*self.named_parameters(), *self.named_buffers()) if id(t) in owned}
+        return [k for k in self.state_dict() if k in keep]
 
-    def encoder_modules(self) -> list[nn.Module]:
-        return [getattr(self, name) for name in ENCODER_BLOCKS]
+    def pretrained_state_dict(self, num_decoder_blocks: int = 0) -> dict[str, torch.Tensor]:
+        """Encoder weights (and the first ``num_decoder_blocks`` up blocks), keyed as in this network."""
+        keys = set(self.module_keys(self.encoder_blocks() + self.decoder_blocks(num_decoder_blocks)))
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in keys}
 
-    def decoder_modules(self, num_blocks: int = 4) -> list[nn.Module]:
-        return [getattr(self, name) for name in DECODER_BLOCKS[:num_blocks]]
+    def freeze_encoder(self) -> None:
+        for block in self.encoder_blocks():
+            block.requires_grad_(False)
 
 
-class UNetEncoder(nn.Module):
-    """The encoder half of :class:`SegmentationUNet`, under the same state-dict names.
+class UNetEncoder(SegmentationUNet):
+    """The encoder of :class:`SegmentationUNet` under the same state-dict names, without the decoder.
 
-    Built by constructing the full network and keeping only the encoder blocks, so the two can
-    never drift apart.  ``forward`` returns the deepest feature map (B, features[4], H/16, W/16);
-    ``encode`` returns all five levels.
+    Built as the full network with the up blocks (and the decoder blocks not listed in
+    ``keep_decoder_blocks``) replaced by ``nn.Identity``, so the two can never drift apart and no
+    parameter is left without a gradient.  ``forward`` returns the deepest features
+    (B, features[-1], H/16, W/16).
     """
 
-    def __init__(self, in_channels: int = 1, features: Sequence[int] = (32, 64, 128, 256, 512, 32), **kwargs) -> None:
-        super().__init__()
-        full = SegmentationUNet(in_channels=in_channels, out_channels=1, features=features, **kwargs)
-        for name in ENCODER_BLOCKS:
-            self.add_module(name, getattr(full, name))
-        self.out_channels = int(features[4])
-
-    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return SegmentationUNet.encode(self, x)  # same module names, same computation
+    def __init__(self, in_channels: int = 1, features: Sequence[int] = DEFAULT_CHANNELS, keep_decoder_blocks: int = 0, **kwargs) -> None:
+        super().__init__(in_channels=in_channels, out_channels=1, features=features, **kwargs)
+        self.out_channels = int(self.features[-1])
+        self.kept_decoder_blocks = keep_decoder_blocks
+        for parent in self.modules():
+            for name, child in list(parent.named_children()):
+                if any(child is up for up in self.decoder_blocks()[keep_decoder_blocks:]):
+                    setattr(parent, name, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)[-1]
 
 
-def encoder_state_dict(module: nn.Module, extra_prefixes: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """The encoder (and any ``extra_prefixes``, e.g. decoder blocks) of a module, keyed as in the U-Net.
+def encoder_state_dict(module: nn.Module, num_decoder_blocks: int = 0) -> dict[str, torch.Tensor]:
+    """The U-Net weights a pre-training run hands to fine-tuning.
 
-    ``module`` may be a :class:`SegmentationUNet`, a :class:`UNetEncoder`, or a wrapper holding one
-    as ``.encoder`` / ``.unet``.
+    ``module`` is a :class:`SegmentationUNet` / :class:`UNetEncoder`, or a wrapper holding one as
+    ``.encoder`` or ``.unet``.
     """
-    inner = getattr(module, "unet", None) or getattr(module, "encoder", None) or module
-    keep = tuple(ENCODER_BLOCKS) + tuple(extra_prefixes)
-    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if k.split(".")[0] in keep}
+    inner = next((m for m in (getattr(module, "unet", None), getattr(module, "encoder", None), module) if isinstance(m, SegmentationUNet)), None)
+    if inner is None:
+        raise TypeError(f"{type(module).__name__} holds no SegmentationUNet as .unet or .encoder")
+    return inner.pretrained_state_dict(num_decoder_blocks)
 
 
 class PretrainedWeightsMismatch(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nets.unet import ENCODER_BLOCKS, load_pretrained
+from ..nets.unet import SegmentationUNet, load_pretrained
 
 
 class UnsafeCheckpointError(ValueError):
@@ -47,7 +47,7 @@ def state_dict_of(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]:
     raise UnsafeCheckpointError(f"checkpoint {path} holds no state dict")
 
 
-def initialise_encoder(network: nn.Module, pretrained_ckpt: str, freeze_encoder: bool = False) -> list[str]:
+def initialise_encoder(network: SegmentationUNet, pretrained_ckpt: str, freeze_encoder: bool = False) -> list[str]:
     """Load a pre-training output (encoder, maybe decoder blocks) into the segmentation U-Net.
 
     Empty ``pretrained_ckpt`` keeps the random initialisation (the baseline).  ``freeze_encoder`` stops
@@ -57,6 +57,5 @@ def initialise_encoder(network: nn.Module, pretrained_ckpt: str, freeze_encoder:
     if pretrained_ckpt:
         loaded = load_pretrained(network, state_dict_of(load_checkpoint(pretrained_ckpt), pretrained_ckpt), source=f"pretrained checkpoint {pretrained_ckpt}")
     if freeze_encoder:
-        for name in ENCODER_BLOCKS:
-            getattr(network, name).requires_grad_(False)
+        network.freeze_encoder()
     return loaded

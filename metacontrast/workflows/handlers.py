@@ -47,15 +47,15 @@ class EncoderSaver:
         output_dir: folder of the run.
         method: method name stored in the checkpoint.
         network_kwargs: the U-Net arguments (``features`` ...) so fine-tuning can check compatibility.
-        extra_prefixes: decoder blocks that were pre-trained too (e.g. ``["upcat_4", "upcat_3"]``).
+        num_decoder_blocks: how many up blocks (deepest first) were pre-trained too (GLCL, MACL).
     """
 
     def __init__(self, network: nn.Module, output_dir: str, method: str, network_kwargs: dict | None = None,
-                 extra_prefixes: Sequence[str] = (), interval: int = 1, filename: str = "encoder.pt") -> None:
+                 num_decoder_blocks: int = 0, interval: int = 1, filename: str = "encoder.pt") -> None:
         self.network, self.method = network, method
         self.path = Path(output_dir) / filename
         self.network_kwargs = dict(network_kwargs or {})
-        self.extra_prefixes = tuple(extra_prefixes)
+        self.num_decoder_blocks = int(num_decoder_blocks)
         self.interval = max(int(interval), 1)
 
     def attach(self, engine: Engine) -> None:
@@ -63,7 +63,7 @@ class EncoderSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        state = encoder_state_dict(self.network, self.extra_prefixes)
+        state = encoder_state_dict(self.network, self.num_decoder_blocks)
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             engine.logger.error(f"encoder weights are not finite at epoch {engine.state.epoch}; {self.path} not overwritten")
             return
