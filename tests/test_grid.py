@@ -309,12 +309,6 @@ def test_preset_finetune_and_evaluate(preset_run: dict[str, Any], acdc_dir: Path
         np.testing.assert_allclose(np.abs(np.diag(pred.affine.numpy()))[:3], entry["spacing"], rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate.save_prediction writes MONAI's pixdim-rectified affine, not the source NIfTI's own sform: "
-    "ACDC files carry sform diag(-1,-1,1) with pixdim 1.5625/10, so nibabel (and any sform-based tool) sees "
-    "a prediction 1.5625x / 10x larger than its image. Fix: write the prediction with the source header.",
-)
 def test_preset_predictions_keep_the_source_nifti_affine(preset_run: dict[str, Any], acdc_dir: Path) -> None:
     """The prediction file has the same affine as its source file, read the same way (nibabel, 1e-5)."""
     for entry in preset_run["manifest"]["test"][:2]:

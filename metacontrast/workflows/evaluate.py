@@ -53,10 +53,21 @@ def to_source_grid(pred: torch.Tensor, preprocessed_image: MetaTensor, preproces
     return torch.as_tensor(restored)[0].round().to(torch.uint8)
 
 
-def save_prediction(pred: torch.Tensor, source_affine: np.ndarray, path: Path) -> Path:
-    """Write a label map as NIfTI with the source volume's affine (atomically)."""
+def save_prediction(pred: torch.Tensor, source: Path, source_volume: MetaTensor, path: Path) -> Path:
+    """Write a label map as NIfTI on the source volume's grid (atomically).
+
+    A NIfTI source lends its own header and affine, so every tool reads the prediction where it reads the
+    source (ACDC's headers disagree between sform and pixdim, which MONAI resolves on reading; copying
+    MONAI's affine would move the prediction for tools that trust the sform).  A DICOM series has no
+    header to copy; its MONAI affine (RAS) is written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(pred.numpy().astype(np.uint8), np.asarray(source_affine, dtype=np.float64))
+    if source.name.endswith((".nii", ".nii.gz")):
+        header_source = nib.load(source)
+        image = nib.Nifti1Image(pred.numpy().astype(np.uint8), header_source.affine, header=header_source.header.copy())
+        image.set_data_dtype(np.uint8)
+    else:
+        image = nib.Nifti1Image(pred.numpy().astype(np.uint8), np.asarray(source_volume.affine, dtype=np.float64))
     with atomic_write(path, "wb") as handle:
         handle.write(image.to_bytes() if not str(path).endswith(".gz") else _gzip(image))
     return path
@@ -65,7 +76,7 @@ def save_prediction(pred: torch.Tensor, source_affine: np.ndarray, path: Path) -
 def _gzip(image: nib.Nifti1Image) -> bytes:
     import gzip
 
-    return gzip.compress(image.to_bytes(), mtime=0)
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
 def evaluate_split(
@@ -90,7 +101,7 @@ def evaluate_split(
         source_label = load_volume(Path(dataset_dir) / entry["label"])
         if tuple(pred.shape) != tuple(source_label.shape):
             raise RuntimeError(f"restored prediction {tuple(pred.shape)} does not match {entry['label']} {tuple(source_label.shape)}")
-        save_prediction(pred, source_label.affine.numpy(), output_dir / "predictions" / f"{entry['volume_id']}.nii.gz")
+        save_prediction(pred, Path(dataset_dir) / entry["label"], source_label, output_dir / "predictions" / f"{entry['volume_id']}.nii.gz")
         rows.append(volume_metrics(pred, torch.as_tensor(source_label).round().long(), entry["spacing"], class_names, entry["volume_id"]))
     summary = summarise(rows)
     write_metrics_csv(rows, output_dir / "metrics.csv")
