@@ -113,3 +113,13 @@ def test_methods_select_and_order_rows(store: Path, tmp_path: Path) -> None:
 def test_no_runs_is_an_error(store: Path, tmp_path: Path) -> None:
     with pytest.raises(LookupError, match="prostate"):
         write_results("", "prostate", tmp_path, output_dir=store)
+
+
+def test_paper_comparison_takes_gains_within_each_source():
+    from metacontrast.workflows.results import format_paper_comparison
+
+    agg = {("random", 1): {"test_dice_mean": {"mean": 0.30}}, ("gcl", 1): {"test_dice_mean": {"mean": 0.45}}}
+    text = format_paper_comparison(agg, "acdc")
+    gcl_row = next(line for line in text.splitlines() if line.startswith("| gcl | 1 |"))
+    # ours 0.450, gain +0.150; paper 0.729, gain 0.729 - 0.598 = +0.131
+    assert gcl_row.split(" | ")[2:6] == ["0.450", "+0.150", "0.729", "+0.131"]

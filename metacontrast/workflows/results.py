@@ -31,7 +31,25 @@ import numpy as np
 from metacontrast.workflows.metrics import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "collect_evaluate_runs", "format_table", "plot_dice", "write_results"]
+__all__ = ["aggregate", "collect_evaluate_runs", "format_paper_comparison", "format_table", "plot_dice", "write_results"]
+
+#: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
+#: ``baseline`` names the random-init row of the same source (gains are taken within one source), or None.
+PAPER_DICE: dict[str, dict[str, tuple[str, str | None, dict[int, float]]]] = {
+    "acdc": {
+        "random": ("GCL paper, Table 1", None, {1: 0.598, 2: 0.682, 8: 0.847}),
+        "simclr": ("GCL paper, Table 1", "random", {1: 0.629, 2: 0.731, 8: 0.853}),
+        "glcl": ("GLCL paper, Table 1", None, {1: 0.725, 2: 0.789, 8: 0.872}),
+        "gcl": ("GCL paper, Table 1", "random", {1: 0.729, 2: 0.812, 8: 0.905}),
+        "gcl+mean_teacher": ("GCL paper, Table 2", "random", {1: 0.762, 2: 0.842, 8: 0.913}),
+        "gcl+mixup": ("GCL paper, Table 2", "random", {1: 0.754, 2: 0.833, 8: 0.911}),
+        "ideal": ("IDEAL paper", None, {1: 0.738, 2: 0.846, 8: 0.879}),
+    },
+    "hippocampus": {
+        "random": ("SPCL supplement", None, {1: 0.609, 2: 0.733, 4: 0.788}),
+        "spcl": ("SPCL supplement (SP-Con)", "random", {1: 0.667, 2: 0.769, 4: 0.813}),
+    },
+}
 
 #: (column label, MLflow metric, decimals) of the table's column groups, in order.
 TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
@@ -225,6 +243,30 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def format_paper_comparison(agg: Mapping[tuple[str, int], Mapping[str, Any]], dataset: str, baseline: str = "random") -> str:
+    """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L."""
+    papers = PAPER_DICE.get(dataset, {})
+    lines = [
+        f"### {dataset}: our gains over random init beside the papers' (test Dice, mean over seeds)",
+        "",
+        "| Method | L | ours | ours - random | paper | paper - its random | source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for method, num_labeled in sorted(agg, key=lambda k: (k[0] != baseline, k[0], k[1])):
+        ours = agg[(method, num_labeled)]["test_dice_mean"]["mean"]
+        ours_base = agg.get((baseline, num_labeled), {}).get("test_dice_mean", {}).get("mean", float("nan"))
+        source, paper_base, values = papers.get(method, ("", None, {}))
+        paper = values.get(num_labeled, float("nan"))
+        paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
+        cells = [f"{v:+.3f}" if signed and not math.isnan(v) else (f"{v:.3f}" if not math.isnan(v) else MISSING)
+                 for v, signed in ((ours, False), (ours - ours_base if method != baseline else float("nan"), True),
+                                   (paper, False), (paper_gain, True))]
+        lines.append(f"| {method} | {num_labeled} | {' | '.join(cells)} | {source or MISSING} |")
+    lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; papers: the published tables named in the "
+              "source column (their own scale and splits). Made by `metacontrast.workflows.results.write_results`.", ""]
+    return "\n".join(lines)
+
+
 def write_results(
     tracking_uri: str,
     dataset: str,
@@ -258,9 +300,12 @@ def write_results(
         raise LookupError(f"no FINISHED evaluate runs of dataset {dataset!r} in {tracking_uri or output_dir}")
     out = Path(out_dir)
     agg = aggregate(rows)
-    paths = {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png"}
+    paths = {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
+             "comparison": out / "paper_comparison.md"}
     _write_csv(rows, paths["csv"])
     with atomic_write(paths["table"]) as handle:
         handle.write(format_table(agg, dataset, methods, labeled))
     plot_dice(agg, paths["plot"], dataset, methods, labeled)
+    with atomic_write(paths["comparison"]) as handle:
+        handle.write(format_paper_comparison(agg, dataset))
     return paths
