@@ -6,7 +6,9 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
 * ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
 * ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
   ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
-* ``gcl+mean_teacher`` -- fine-tuning with the ``semi_supervised`` add-on.
+* ``gcl+mean_teacher`` -- fine-tuning with the ``semi_supervised`` add-on;
+* ``gcl@fast_lr`` -- fine-tuning with a named recipe of ``bundles/common/configs/recipes.json``
+  (the pre-training is shared with ``gcl``).
 
 Every workflow runs in this process through ``monai.bundle.run`` with the same MLflow store, and a
 combination is skipped when the store already holds its FINISHED run (pre-training: the encoder file
@@ -48,10 +50,17 @@ class MethodSpec:
 
 
 def parse_method(name: str) -> MethodSpec:
-    """``gcl/naive_sum+mean_teacher`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher fine-tuning."""
-    base, _, semi = name.partition("+")
+    """``gcl/naive_sum+mean_teacher@fast_lr`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
+    fine-tuning with the ``fast_lr`` recipe."""
+    rest, _, recipe = name.partition("@")
+    base, _, semi = rest.partition("+")
     bundle, _, variant = base.partition("/")
     finetune = {"semi_supervised": semi} if semi else {}
+    if recipe:
+        recipes = json.loads((COMMON / "recipes.json").read_text())
+        if recipe not in recipes or recipe.startswith("_"):
+            raise ValueError(f"method {name!r}: no recipe {recipe!r} in {COMMON / 'recipes.json'} (has {sorted(recipes)})")
+        finetune.update(recipes[recipe])
     if bundle == "random":
         if variant:
             raise ValueError(f"method {name!r}: random init has no variants")
@@ -112,7 +121,7 @@ class ResultsGrid:
         """Run (or reuse) the method's pre-training; returns the encoder checkpoint ('' for random init)."""
         if spec.bundle is None:
             return ""
-        base = spec.name.split("+")[0]
+        base = spec.name.split("@")[0].split("+")[0]
         if not spec.pretrain_overrides and "/" in base:  # a fine-tune-only variant reuses the bundle's pre-training
             base = spec.bundle
         out = self.runs_dir / self.dataset / base / "pretrain"
