@@ -1,5 +1,6 @@
 from .events import MultiLossEvents
 from .grad_filter import GradFilter, pace
 from .grad_mitigator import GradMitigator
+from .self_paced import SelfPacedSchedule, linear_pace
 from .trainer import MultiLossTrainer, NonFiniteLossError
 from .prepare_batch import AugmentedPrepareBatch, TwoViewPrepareBatch

@@ -1,4 +1,4 @@
-from .heads import EncoderWithHeads, ProjectionHead, pooled_embedding
+from .heads import DecoderWithHeads, EncoderWithHeads, PooledProjectionHead, ProjectionHead, pooled_embedding
 from .unet import (
     DEFAULT_CHANNELS,
     PretrainedWeightsMismatch,

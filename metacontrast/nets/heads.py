@@ -23,6 +23,18 @@ class ProjectionHead(nn.Sequential):
         )
 
 
+class PooledProjectionHead(nn.Sequential):
+    """Global average pooling, then the two-layer MLP: (B, in, h, w) -> (B, out, 1, 1).
+
+    SimCLR's ``g(.)`` (Chen et al. 2020) and SPCL's projector (supplement Sec. 3.2: "an average pooling
+    to flatten the output of the encoder followed by a two-layer MLP") pool *before* the MLP; on a 1x1
+    map the 1x1 convolutions of :class:`ProjectionHead` are exactly dense layers.
+    """
+
+    def __init__(self, in_channels: int = 512, hidden_channels: int = 512, out_channels: int = 128) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), ProjectionHead(in_channels, hidden_channels, out_channels))
+
+
 def pooled_embedding(feature_map: torch.Tensor) -> torch.Tensor:
     """Global average pooling then L2 normalisation: (B, D, h, w) -> (B, D) unit vectors."""
     return F.normalize(feature_map.mean(dim=(2, 3)), dim=1)
@@ -42,4 +54,44 @@ class EncoderWithHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+class DecoderWithHeads(EncoderWithHeads):
+    """A U-Net encoder, its first ``num_decoder_blocks`` up blocks and named heads on the last one's output.
+
+    GLCL's local stage (Sec. 3.3-3.4): ``g_2(d_l(e(x)))``.  ``encoder`` is a
+    :class:`~metacontrast.nets.unet.UNetEncoder` that keeps at least ``num_decoder_blocks`` up blocks
+    (it may be the very object the global stage trained).  With ``freeze_encoder`` the encoder blocks run
+    without gradients and in eval mode, and :meth:`trainable_parameters` leaves them out, so the encoder
+    is used as the previous stage left it; nothing about it is changed in place.
+    """
+
+    def __init__(self, encoder: nn.Module, heads: dict[str, nn.Module], num_decoder_blocks: int | None = None,
+                 freeze_encoder: bool = True) -> None:
+        super().__init__(encoder, heads)
+        kept = int(getattr(encoder, "kept_decoder_blocks", len(encoder.decoder_blocks())))
+        self.num_decoder_blocks = kept if num_decoder_blocks is None else int(num_decoder_blocks)
+        if not 1 <= self.num_decoder_blocks <= kept:
+            raise ValueError(f"num_decoder_blocks must be in 1..{kept} (the up blocks the encoder keeps), got {self.num_decoder_blocks}")
+        self.freeze_encoder = bool(freeze_encoder)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The decoder blocks' and heads' parameters (and the encoder's unless it is frozen)."""
+        modules = [*self.encoder.decoder_blocks(self.num_decoder_blocks), self.heads]
+        if not self.freeze_encoder:
+            modules += self.encoder.encoder_blocks()
+        return [p for m in modules for p in m.parameters()]
+
+    def train(self, mode: bool = True) -> DecoderWithHeads:
+        super().train(mode)
+        if self.freeze_encoder:
+            for block in self.encoder.encoder_blocks():
+                block.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            skips = self.encoder.encode(x)
+        features = self.encoder.decode(skips, self.num_decoder_blocks)
         return {name: head(features) for name, head in self.heads.items()}

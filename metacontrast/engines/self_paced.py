@@ -1,0 +1,62 @@
+"""The learning pace gamma of SPCL's self-paced weights (SPCL supplement, Algorithm 1 and Sec. 4.5).
+
+Algorithm 1 initialises ``gamma <- Scheduler(0)`` and, after every epoch, sets ``gamma <- Scheduler(epoch)``;
+Sec. 4.5 uses the linear ramp of the main paper's Eq. 16 from ``gamma_start`` (2) to ``gamma_end`` (50).
+The main paper's Eq. 16 is not in the supplement; we read it as
+
+    gamma(e) = gamma_start + (gamma_end - gamma_start) * e / (E - 1),   e = 0 .. E - 1,
+
+where epoch ``e + 1`` (1-based) trains with ``gamma(e)`` and ``E`` is the number of training epochs, so the
+first epoch uses ``gamma_start`` and the last ``gamma_end``.  Attached to an engine, the schedule reads the
+epoch and ``E`` from ``engine.state`` when each epoch starts; its ``state_dict`` travels with the training
+checkpoint (``method_state``), like GradFilter's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+
+def linear_pace(epoch: int, total_epochs: int, gamma_start: float, gamma_end: float) -> float:
+    """``gamma`` for the 0-based ``epoch`` of ``total_epochs`` (clamped to the ramp's ends)."""
+    if total_epochs <= 1:
+        return float(gamma_start)
+    fraction = min(max(epoch, 0), total_epochs - 1) / (total_epochs - 1)
+    return float(gamma_start + (gamma_end - gamma_start) * fraction)
+
+
+class SelfPacedSchedule:
+    """Holds the current ``gamma`` and moves it along the linear ramp once per epoch.
+
+    Args:
+        gamma_start, gamma_end: ends of the ramp (SPCL: 2 and 50, the best of supplement Table 4).
+        total_epochs: ``E``; taken from the engine once attached.
+    """
+
+    def __init__(self, gamma_start: float = 2.0, gamma_end: float = 50.0, total_epochs: int = 1) -> None:
+        if gamma_start <= 0 or gamma_end <= 0:
+            raise ValueError(f"gamma must be > 0, got start {gamma_start}, end {gamma_end}")
+        self.gamma_start, self.gamma_end = float(gamma_start), float(gamma_end)
+        self.total_epochs = int(total_epochs)
+        self.epoch = 0
+
+    @property
+    def gamma(self) -> float:
+        return linear_pace(self.epoch, self.total_epochs, self.gamma_start, self.gamma_end)
+
+    # -- engine wiring -------------------------------------------------------------------------
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._follow_engine)
+
+    def _follow_engine(self, engine: Engine) -> None:
+        self.epoch = int(engine.state.epoch) - 1
+        self.total_epochs = max(int(engine.state.max_epochs or 1), 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gamma_start": self.gamma_start, "gamma_end": self.gamma_end, "epoch": self.epoch, "total_epochs": self.total_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gamma_start, self.gamma_end = float(state["gamma_start"]), float(state["gamma_end"])
+        self.epoch, self.total_epochs = int(state["epoch"]), int(state["total_epochs"])
