@@ -15,8 +15,11 @@ from monai.engines.utils import PrepareBatch
 class TwoViewPrepareBatch(PrepareBatch):
     """``{"image": (N, 1, H, W), <meta>: (N,)}`` -> ``(cat(view1, view2) (2N, 1, H, W), {meta: (N,)})``.
 
+    ``make_views`` may return more than two views (GLCL's ``G^D`` batches hold the untransformed image
+    too): the result is then their concatenation, ``(V N, 1, H, W)``.
+
     Args:
-        make_views: callable mapping an image batch to its two augmented views.
+        make_views: callable mapping an image batch to its augmented views (usually two).
         meta_keys: meta labels handed to the loss as targets.
         image_key: key of the images in the batch.
     """
@@ -28,9 +31,9 @@ class TwoViewPrepareBatch(PrepareBatch):
 
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False, **kwargs):
         images = batchdata[self.image_key].to(device, non_blocking=non_blocking)
-        view1, view2 = self.make_views(images)
+        views = self.make_views(images)
         meta = {key: batchdata[key].to(device, non_blocking=non_blocking) for key in self.meta_keys}
-        return torch.cat([view1, view2]), meta
+        return torch.cat(list(views)), meta
 
 
 class AugmentedPrepareBatch(PrepareBatch):

@@ -48,25 +48,46 @@ def pair_log_prob(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits.log_softmax(dim=1)
 
 
+def pair_log_prob_vs_negatives(z: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``z_i.z_j/tau - log(exp(z_i.z_j/tau) + sum_{a in N_i} exp(z_i.z_a/tau))`` for every pair: (2N, D) -> (2N, 2N).
+
+    ``z`` is expected normalised.  An anchor without negatives gets 0 for every pair (finite gradients:
+    masked logits are the dtype's lowest finite value, not -inf).
+    """
+    logits = z @ z.T / temperature
+    keep = negatives & ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    negative_lse = logits.masked_fill(~keep, torch.finfo(logits.dtype).min).logsumexp(dim=1, keepdim=True)
+    return logits - torch.logaddexp(logits, negative_lse)
+
+
 def multi_positive_info_nce(
     z: torch.Tensor,
     positives: torch.Tensor,
     temperature: float = 0.1,
     weights: torch.Tensor | None = None,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GCL Eq. 1 averaged over anchors (SimCLR's NT-Xent when the only positive is the other view).
 
     ``L = mean_i  -1/|P_i| sum_{j in P_i} w_ij log( exp(z_i.z_j/tau) / sum_{a != i} exp(z_i.z_a/tau) )``
+
+    With ``negatives`` (GLCL Eqs. 1 and 3, where some images are neither positive nor negative) each
+    positive pair has its own denominator, the pair itself plus the anchor's negatives ``N_i``:
+    ``log( exp(z_i.z_j/tau) / (exp(z_i.z_j/tau) + sum_{a in N_i} exp(z_i.z_a/tau)) )``.  With
+    ``negatives = ~positives`` (diagonal aside) and one positive per anchor this is the default again.
 
     Args:
         z: (2N, D) embeddings; normalised here (cosine similarity, as SimCLR [10]).
         positives: (2N, 2N) bool mask, ``positives[i, j]`` when ``j in P_i``.
         temperature: tau.
         weights: optional (2N, 2N) per-pair weights (SPCL's self-paced weights); 1 when omitted.
+        negatives: optional (2N, 2N) bool mask, ``negatives[i, a]`` when ``a in N_i`` (the diagonal is
+            ignored); omitted, the denominator runs over every ``a != i``.
     Returns:
         scalar loss; anchors without positives are skipped.
     """
-    log_prob = pair_log_prob(F.normalize(z, dim=1), temperature)
+    z = F.normalize(z, dim=1)
+    log_prob = pair_log_prob(z, temperature) if negatives is None else pair_log_prob_vs_negatives(z, negatives, temperature)
     pair_weight = positives.to(z.dtype) if weights is None else positives.to(z.dtype) * weights
     per_pair = -(log_prob.masked_fill(~positives, 0.0)) * pair_weight
     counts = positives.sum(dim=1)
