@@ -11,7 +11,9 @@ write ``param.grad``.  Why a subclass: ``SupervisedTrainer._iteration`` takes on
 Under AMP the per-objective gradients are unscaled before handlers see them (the mitigation acts on
 true gradients), and re-scaled for ``GradScaler.step`` so its inf/NaN check still applies.
 A non-finite objective raises :class:`NonFiniteLossError` naming the iteration and the objective, or
-skips the step when ``skip_nonfinite=True``.
+skips the step when ``skip_nonfinite=True``.  A ``loss_function`` returning a single tensor (a plain
+MONAI loss, as in fine-tuning) is one objective named ``"loss"``, so every workflow gets the same
+NaN/inf guard.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class MultiLossTrainer(SupervisedTrainer):
-    """SupervisedTrainer for ``loss_function(pred, target) -> dict[str, Tensor]``.
+    """SupervisedTrainer for ``loss_function(pred, target) -> dict[str, Tensor]`` (or one tensor).
 
     Extra args (all others as ``SupervisedTrainer``):
         skip_nonfinite: skip the optimiser step (and count it in ``engine.state.skipped_steps``)
@@ -54,7 +56,9 @@ class MultiLossTrainer(SupervisedTrainer):
         with autocast:
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            losses: dict[str, torch.Tensor] = engine.loss_function(engine.state.output[Keys.PRED], targets)
+            losses = engine.loss_function(engine.state.output[Keys.PRED], targets)
+        if isinstance(losses, torch.Tensor):  # a plain MONAI loss (fine-tuning): one term named "loss"
+            losses = {"loss": losses}
         total = torch.stack([loss.float() for loss in losses.values()]).mean()
         engine.state.output["losses"] = {name: loss.detach() for name, loss in losses.items()}
         engine.state.output[Keys.LOSS] = total.detach()

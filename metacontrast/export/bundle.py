@@ -663,6 +663,18 @@ def check_bundle(bundle: Path, state_dict: Mapping[str, torch.Tensor], features:
 # ------------------------------------------------------------------------------------------------
 
 
+def exportable_manifest(manifest: dict) -> dict:
+    """The manifest as shipped in a bundle.  A DICOM manifest's entries are withheld: its paths are the
+    user's series folders, whose names are often the PatientID (TCIA's are), and an exported bundle must
+    carry no patient identifier.  Labels, meta labels and preprocessing stay; point ``datalist`` at your own
+    manifest to train or evaluate with the bundle."""
+    if manifest.get("layout") != "dicom":
+        return manifest
+    withheld = {split: [] for split in ("pretrain", "train", "val", "test")}
+    note = "entries withheld: DICOM series folder names may be patient identifiers; pass --datalist <your manifest>"
+    return {**manifest, **withheld, "_note": note}
+
+
 def export_bundle(
     dest: str | None = None,
     run_id: str | None = None,
@@ -805,7 +817,7 @@ def _export(source: BundleSource, dest: str | None, name: str | None, version: s
         configs = {"metadata.json": metadata, "inference.json": inference_cfg, "train.json": train_cfg, "evaluate.json": evaluate_cfg}
         for file, cfg in configs.items():
             (staging / "configs" / file).write_text(json.dumps(cfg, indent=2) + "\n")
-        shutil.copyfile(manifest_path, staging / "configs" / "datalist.json")
+        (staging / "configs" / "datalist.json").write_text(json.dumps(exportable_manifest(manifest), indent=2, sort_keys=True) + "\n")
         shutil.copyfile(LOGGING_CONF, staging / "configs" / "logging.conf")
         shutil.copyfile(LICENSE_FILE, staging / "LICENSE")
         shutil.copyfile(TEMPLATES / "data_license" / info["data_license"], staging / "docs" / "data_license.txt")

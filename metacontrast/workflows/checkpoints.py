@@ -1,13 +1,25 @@
-"""Loading checkpoints safely: weights-only deserialisation everywhere.
+"""Loading checkpoints safely, and what an output folder says about the run it holds.
 
 ``torch.load(weights_only=True)`` only rebuilds tensors and plain containers; a file whose unpickling
-would import or call anything else is refused, so a crafted checkpoint cannot run code.  Every error
-names the file.
+would import or call anything else is refused (:class:`UnsafeCheckpointError`), so a crafted
+checkpoint cannot run code.  Every error names the file.
+
+:func:`prepare_output_dir` keeps one run per output folder: ``<output_dir>/<workflow>_run.json`` holds
+the config hash and the MLflow run id, a different config there is refused (:class:`OutputDirConflict`)
+unless overwriting is asked for, and the same config is resumed (see
+:class:`metacontrast.workflows.handlers.TrainingCheckpointer`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import pickle
+import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +28,18 @@ from torch import nn
 
 from ..nets.unet import SegmentationUNet, load_pretrained
 
+logger = logging.getLogger(__name__)
+
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint that cannot be loaded as weights only (possibly crafted to run code) or is corrupt."""
+
+
+def _unpickler_reason(message: str) -> str:
+    """The informative part of torch's weights-only refusal, e.g. ``Unsupported global: GLOBAL io.open``."""
+    match = re.search(r"(Unsupported [^\n]*?)(?: was not an allowed global|\. Please|\.?\n|\.?$)", message)
+    reason = match.group(1) if match else message.strip().splitlines()[-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", reason)[:200]
 
 
 def load_checkpoint(path: str | Path) -> Any:
@@ -30,7 +51,8 @@ def load_checkpoint(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
-            f"checkpoint {path} was refused: it is not a weights-only file (its unpickling would need: {str(err).splitlines()[0][:200]})"
+            f"checkpoint {path} was refused and nothing in it was run: it is not a weights-only file "
+            f"({_unpickler_reason(str(err))}); load only checkpoints written by these workflows"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UnsafeCheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from None
@@ -59,3 +81,139 @@ def initialise_encoder(network: SegmentationUNet, pretrained_ckpt: str, freeze_e
     if freeze_encoder:
         network.freeze_encoder()
     return loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder: which config it holds, which MLflow run it continues
+# ----------------------------------------------------------------------------------------------
+
+#: environment variable that, set to 1, lets any workflow start over in a folder holding another config
+OVERWRITE_ENV = "METACONTRAST_OVERWRITE_OUTPUT"
+#: settings that may differ between a run and its resumption (they do not change what is computed)
+VOLATILE_KEYS = frozenset({"device"})
+STATE_FORMAT = 1
+
+
+class OutputDirConflict(ValueError):
+    """The output folder holds a run of a different config (raised before any training)."""
+
+
+def state_file(output_dir: str | Path, workflow: str) -> Path:
+    """``<output_dir>/<workflow>_run.json``: the config hash and MLflow run id of the folder's run."""
+    return Path(output_dir) / f"{workflow}_run.json"
+
+
+def _canonical(config: Any) -> Any:
+    """The config as plain JSON values (what is hashed and stored), volatile keys left out."""
+    plain = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if isinstance(plain, dict):
+        plain = {k: v for k, v in plain.items() if k not in VOLATILE_KEYS}
+    return plain
+
+
+def _config_hash(config: Any) -> str:
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _differences(old: Any, new: Any, limit: int = 8) -> list[str]:
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: {json.dumps(old.get(k, '<absent>'))} -> {json.dumps(new.get(k, '<absent>'))}" for k in keys if old.get(k, "<absent>") != new.get(k, "<absent>")]
+    return diffs[:limit] + ([f"... and {len(diffs) - limit} more"] if len(diffs) > limit else [])
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class RunState:
+    """What an output folder says about its run: config hash, stored config, MLflow run id.
+
+    Made by :func:`prepare_output_dir`; ``mlflow_run_id`` is the run to continue (``None`` for a
+    fresh folder), and :meth:`record_run` stores the run id once tracking has started.
+    """
+
+    output_dir: Path
+    workflow: str
+    config_hash: str
+    config: Any
+    mlflow_run_id: str | None = None
+    resumed: bool = False
+
+    @property
+    def path(self) -> Path:
+        return state_file(self.output_dir, self.workflow)
+
+    def record_run(self, run_id: str | None, tracking_uri: str = "", experiment_name: str = "") -> None:
+        self.mlflow_run_id = run_id
+        _write_json(self.path, {
+            "format": STATE_FORMAT, "workflow": self.workflow, "config_hash": self.config_hash, "config": self.config,
+            "mlflow_run_id": run_id, "tracking_uri": tracking_uri, "experiment_name": experiment_name,
+        })  # fmt: skip
+
+
+def _overwrite_requested(overwrite: bool | str | None) -> bool:
+    if isinstance(overwrite, str):
+        overwrite = overwrite.strip().lower() in ("1", "true", "yes")
+    return bool(overwrite) or os.environ.get(OVERWRITE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def prepare_output_dir(output_dir: str | Path, workflow: str, config: Any, overwrite: bool | str = False,
+                       checkpoint_glob: str = "training_*iteration=*.pt*") -> RunState:
+    """Check that ``output_dir`` holds no run of another config, and say which MLflow run to continue.
+
+    The folder's ``<workflow>_run.json`` stores the config hash of the run that wrote it.  A different
+    config raises :class:`OutputDirConflict` naming the keys that differ, unless ``overwrite`` (or the
+    environment variable ``METACONTRAST_OVERWRITE_OUTPUT=1``) is set: then the folder's training
+    checkpoints of ``workflow`` are deleted and a fresh run (and MLflow run) starts there.  The same
+    config continues: its MLflow run id is returned for ``start_run(resume_run_id=...)`` and the
+    training checkpointer resumes from the folder's latest good checkpoint.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    canonical = _canonical(config)
+    digest = _config_hash(canonical)
+    path = state_file(output_dir, workflow)
+    state = RunState(output_dir, workflow, digest, canonical)
+    if not path.is_file():
+        return state
+    try:
+        previous = json.loads(path.read_text())
+        if not isinstance(previous, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        logger.warning("%s is unreadable (%s); treating %s as a fresh folder", path, err, output_dir)
+        return state
+    if previous.get("config_hash") == digest:
+        state.mlflow_run_id = previous.get("mlflow_run_id") or None
+        state.resumed = True
+        return state
+    if not _overwrite_requested(overwrite):
+        diffs = _differences(previous.get("config"), canonical)
+        raise OutputDirConflict(
+            f"output folder {output_dir} holds a {workflow} run of a different config (hash {previous.get('config_hash')} "
+            f"there, {digest} now; {'; '.join(diffs) if diffs else 'see ' + str(path)}). Use another output_dir, or start over "
+            f"in this folder with --overwrite True (or {OVERWRITE_ENV}=1), which deletes its {workflow} training checkpoints."
+        )
+    removed = list(output_dir.glob(checkpoint_glob))  # every TrainingCheckpointer's files (any prefix), *.corrupt too
+    for p in removed:
+        p.unlink()
+    path.unlink()
+    logger.warning("overwrite: %s held a %s run of another config; removed %d training checkpoint(s), starting over",
+                   output_dir, workflow, len(removed))
+    return state

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ class PretrainData:
         seed: int = 0,
     ) -> None:
         if num_partitions < 1:
-            raise ConfigError(f"num_partitions (S) must be >= 1, got {num_partitions}")
+            raise ConfigError(f"num_partitions (S) must be >= 1, got {num_partitions!r}")
         manifest = read_manifest(datalist)
         self.meta_labels = check_meta_labels(meta_labels, manifest, datalist)
         self.settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
@@ -203,3 +204,43 @@ def epochs_for(max_epochs: int, max_iterations: int, epoch_length: int) -> int:
     if max_epochs < 1:
         raise ConfigError(f"max_epochs must be >= 1, got {max_epochs}")
     return int(max_epochs)
+
+
+#: (keys that may hold the setting, symbol in the papers, check, what it must be)
+_SETTING_RULES: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
+    (("num_partitions",), "S", lambda v: v >= 1, ">= 1"),
+    (("temperature", "tau"), "tau", lambda v: v > 0, "> 0"),
+    (("top_k",), "K", lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("beta",), "beta", lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("num_labeled",), "L", lambda v: v >= 1, ">= 1"),
+    (("batch_size",), "batch size", lambda v: v >= 1, ">= 1"),
+    (("learning_rate",), "learning rate", lambda v: v > 0, "> 0"),
+)
+
+
+def check_settings(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Check a workflow's hyper-parameters before anything is trained; a bad value is a :class:`ConfigError`.
+
+    Checks (where the key is present): S (``num_partitions``) >= 1, tau (``temperature``) > 0,
+    K (``top_k``) in (0, 1], beta in (0, 1], L (``num_labeled``) >= 1, batch size >= 1, learning rate > 0.
+    The checks that need the data -- meta labels known to the manifest, L no larger than the labelled
+    pool -- are made when the data are set up (:class:`PretrainData`, :class:`FinetuneData`), and the
+    pre-trained encoder's fit when it is loaded (``PretrainedWeightsMismatch``).  All of them run before
+    the first training step.  Returns ``settings``.
+    """
+    problems = []
+    for keys, symbol, ok, expected in _SETTING_RULES:
+        for key in keys:
+            if key not in settings or settings[key] is None:
+                continue
+            value = settings[key]
+            try:
+                good = not isinstance(value, bool) and math.isfinite(float(value)) and ok(float(value))
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                name = key if symbol == key else f"{key} ({symbol})"
+                problems.append(f"{name} must be {expected}, got {value!r}")
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return settings

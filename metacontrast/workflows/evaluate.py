@@ -6,6 +6,9 @@ slice by slice with ``monai.inferers.SliceInferer``, map the label map back to t
 :func:`~metacontrast.workflows.metrics.volume_metrics` (spacing in mm), and write the prediction as
 NIfTI with the source volume's affine.  Outputs: ``metrics.csv`` (one row per volume), ``summary.json``
 (mean and std per class and over classes, counts of missed classes) and ``predictions/<volume_id>.nii.gz``.
+Outputs name volumes only by their ``volume_id`` (a salted pseudonym for DICOM data), never by the
+source path (DICOM folder names can hold the PatientID), and a prediction of a DICOM series carries
+only its geometry, no DICOM attribute.
 """
 
 from __future__ import annotations
@@ -100,7 +103,8 @@ def evaluate_split(
         pred = to_source_grid(predict_volume(network, data["image"], settings["spatial_size"], device), data["image"], preprocessing)
         source_label = load_volume(Path(dataset_dir) / entry["label"])
         if tuple(pred.shape) != tuple(source_label.shape):
-            raise RuntimeError(f"restored prediction {tuple(pred.shape)} does not match {entry['label']} {tuple(source_label.shape)}")
+            # named by volume_id, not by path: DICOM folder names can hold the PatientID
+            raise RuntimeError(f"restored prediction {tuple(pred.shape)} does not match the label of {entry['volume_id']} {tuple(source_label.shape)}")
         save_prediction(pred, Path(dataset_dir) / entry["label"], source_label, output_dir / "predictions" / f"{entry['volume_id']}.nii.gz")
         rows.append(volume_metrics(pred, torch.as_tensor(source_label).round().long(), entry["spacing"], class_names, entry["volume_id"]))
     summary = summarise(rows)

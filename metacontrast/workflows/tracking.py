@@ -14,6 +14,8 @@
   plus ``config.json``), metrics and files.  Nothing here reads the environment or DICOM headers,
   and config keys named like identifying DICOM attributes (``PatientName``, ``StudyDate`` ...)
   are dropped before logging as a last line of defence.
+* **Resume.**  :func:`start_workflow_run` stores the run id in the workflow's output folder and, when the
+  same command is run again there (after a crash), continues that run instead of opening a second one.
 * :class:`MLflowEpochHandler` logs an ignite/MONAI engine's per-epoch ``engine.state.metrics`` and
   the epoch mean of the losses in ``engine.state.output`` into a :class:`TrackingRun`.
   ``monai.handlers.MLFlowHandler`` is not used because it opens its own run (or adopts "the latest
@@ -60,6 +62,7 @@ __all__ = [
     "search_runs",
     "server_reachable",
     "start_run",
+    "start_workflow_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -504,16 +507,57 @@ def start_run(
     if _is_remote(uri) and not server_reachable(uri):
         local = local_tracking_uri(output_dir)
         _warn_fallback(uri, local, "no answer to GET /health")
-        run = TrackingRun(local, experiment_name, run_name, tags, output_dir, None, requested_uri=uri)
+        # a run that already fell back once (its id stored by the workflow) continues in the local store
+        local_resume = resume_run_id if resume_run_id and _run_exists(local, resume_run_id) else None
+        run = TrackingRun(local, experiment_name, run_name, tags, output_dir, local_resume, requested_uri=uri)
         run.is_fallback = True
         run.set_tags({"metacontrast.tracking_fallback_from": _redact(uri)})
-        if resume_run_id:
+        if resume_run_id and not local_resume:
             run.set_tags({"metacontrast.remote_run_id": resume_run_id})
     else:
         run = TrackingRun(uri, experiment_name, run_name, tags, output_dir, resume_run_id)
     if config is not None:
         run.log_config(config)
     _active_runs.append(run)
+    return run
+
+
+def _run_exists(tracking_uri: str, run_id: str) -> bool:
+    """Whether ``run_id`` is in the (local) store at ``tracking_uri``; never raises."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
+        return False
+    try:
+        _client(tracking_uri).get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def start_workflow_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    output_dir: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    overwrite: bool | str = False,
+) -> TrackingRun:
+    """:func:`start_run` for a workflow that owns ``output_dir``: checked, resumable, recorded.
+
+    First :func:`metacontrast.workflows.checkpoints.prepare_output_dir` checks that the folder holds no
+    run of another config (``OutputDirConflict`` otherwise, unless ``overwrite``).  A folder holding a
+    run of this config continues that MLflow run (its id is stored in ``<output_dir>/<workflow>_run.json``),
+    so a crashed run that is started again stays one MLflow run; the id of the run opened here is then
+    written back to that file before any training happens.  ``tags["workflow"]`` names the workflow.
+    """
+    from .checkpoints import prepare_output_dir
+
+    workflow = str(tags.get("workflow", "run"))
+    state = prepare_output_dir(output_dir, workflow, config, overwrite=overwrite)
+    run = start_run(tracking_uri, experiment_name, run_name, tags, output_dir, resume_run_id=state.mlflow_run_id, config=config)
+    if state.resumed:
+        run.set_tags({"metacontrast.resumed": "true"})
+    state.record_run(run.run_id, _redact(run.tracking_uri), experiment_name)
     return run
 
 
