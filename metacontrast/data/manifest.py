@@ -64,7 +64,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +74,7 @@ import numpy as np
 
 from metacontrast.data.dicom import is_dicom_series, load_volume, series_patient_identity
 from metacontrast.data.errors import InvalidVolumeError
+from metacontrast.io import atomic_write_text
 
 __all__ = [
     "ACDC_LABELS",
@@ -710,34 +710,6 @@ def report_path(output: str | os.PathLike[str]) -> Path:
     """``data_manifests/acdc.json`` -> ``data_manifests/acdc.report.json``."""
     output = Path(output)
     return output.with_name(f"{output.stem}.report.json")
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
-
-    Either the whole new content is in place or, on any failure, the old file is untouched and
-    no temporary file is left behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def write_manifest(result: BuildResult, output: str | os.PathLike[str]) -> Path:

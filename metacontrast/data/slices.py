@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from monai.transforms import Compose, EnsureTyped
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from metacontrast.io import atomic_torch_save
 from metacontrast.data.transforms import (
     DEFAULT_NUM_PARTITIONS,
     slice_positions,
@@ -333,21 +333,6 @@ def _build(
     return cache
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` so that ``path`` is either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 def _try_load(path: Path, key: str) -> SliceCache | None:
     """The cache at ``path`` if it is there and sound; a damaged file is reported and ``None`` returned."""
@@ -415,7 +400,7 @@ def build_slice_cache(
     workers = _default_workers(len(datalist)) if num_workers is None else num_workers
     cache = _build(datalist, root, pixel_size, spatial_size, num_partitions, with_labels, workers, progress)
     if path is not None:
-        _atomic_save({**cache.state(), "key": key}, path)
+        atomic_torch_save({**cache.state(), "key": key}, path)
     return cache
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
 from .metrics import summarise, volume_metrics, write_metrics_csv, write_summary
-from .metrics import atomic_write
+from ..io import atomic_write
 
 
 def _absolute(entry: Mapping[str, Any], dataset_dir: str | Path) -> dict[str, Any]:

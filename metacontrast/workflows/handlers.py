@@ -14,10 +14,8 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -32,25 +30,8 @@ from monai.handlers import CheckpointSaver
 from monai.utils.enums import CommonKeys
 from torch import nn
 
+from ..io import atomic_torch_save
 from ..nets.unet import encoder_state_dict
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the target folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 class EncoderSaver:

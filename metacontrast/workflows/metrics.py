@@ -33,27 +33,26 @@ absent / absent       **NaN**    **NaN**       ``absent``          ``n_absent``
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from monai.metrics import compute_dice
+
+from ..io import atomic_write
 from monai.metrics.hausdorff_distance import _compute_percentile_hausdorff_distance
 from monai.metrics.utils import get_edge_surface_distance
 from monai.networks.utils import one_hot
 
 __all__ = [
     "METRICS",
-    "atomic_write",
     "class_key",
     "flatten_summary",
     "summarise",
@@ -252,26 +251,6 @@ def flatten_summary(summary: Mapping[str, Any], prefix: str = "test") -> dict[st
     out[f"{prefix}_n_volumes"] = float(summary["n_volumes"])
     return out
 
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path`` and move it over ``path`` only if the block succeeds.
-
-    Readers never see a half-written file; a failure leaves the previous file untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_metrics_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from metacontrast.workflows.metrics import atomic_write
+from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
 __all__ = ["aggregate", "collect_evaluate_runs", "format_paper_comparison", "format_table", "plot_dice", "write_results"]
