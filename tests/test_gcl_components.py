@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from metacontrast.engines import GradFilter, GradMitigator, pace
 from metacontrast.losses import PixelContrastiveLoss, meta_label_contrastive, meta_label_positive_mask, nt_xent
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """Exact comparisons with the direct evaluations; restored so other test modules keep float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _single(mitigator: GradMitigator, grads: torch.Tensor) -> torch.Tensor:
