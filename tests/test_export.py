@@ -21,13 +21,11 @@ its MLflow run id with ``scripts/export_bundle.py``'s function.  Then:
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+
+from tests.helpers import in_repo
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from monai.bundle import run as run_bundle
 
@@ -56,16 +56,6 @@ SCHEMA = Path(__file__).resolve().parent / "schemas" / "mb_metadata.schema.json"
 SUBPROCESS_TIMEOUT_S = 600
 
 
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    """Workflows resolve ``data_manifests/...``, ``sample_data/...`` and ``%bundles/...`` from the repo root."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
 
 def dice_per_class(a: np.ndarray, b: np.ndarray) -> dict[int, float]:

@@ -42,9 +42,11 @@ from typing import Any
 import pydicom
 import pytest
 import torch
+
 from monai.bundle import run as run_bundle
 
 from metacontrast.data.manifest import make_manifest
+from tests.helpers import in_repo
 
 pytestmark = pytest.mark.slow
 
@@ -54,15 +56,6 @@ SALT = "test-private-salt"
 IDENTIFYING = ("PatientID", "PatientName", "StudyDate", "PatientBirthDate", "AccessionNumber")
 
 
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ in the output folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -24,12 +23,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.helpers import in_repo
 from mlflow import MlflowClient
 from monai.bundle import run as run_bundle
 
@@ -44,15 +44,6 @@ FINETUNE = "bundles/common/configs/finetune.json"
 KILL_TIMEOUT_S = 300
 
 
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)  # the workflows set 1 thread (num_threads) for determinism
 
 
 def checkpoint_name(iteration: int) -> str:
