@@ -20,6 +20,7 @@ stamps are written, so rerunning on the same runs gives the same bytes.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -301,11 +302,24 @@ def write_results(
     out = Path(out_dir)
     agg = aggregate(rows)
     paths = {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
-             "comparison": out / "paper_comparison.md"}
+             "comparison": out / "paper_comparison.md", "runs": out / "runs.json"}
     _write_csv(rows, paths["csv"])
     with atomic_write(paths["table"]) as handle:
         handle.write(format_table(agg, dataset, methods, labeled))
     plot_dice(agg, paths["plot"], dataset, methods, labeled)
     with atomic_write(paths["comparison"]) as handle:
         handle.write(format_paper_comparison(agg, dataset))
+    with atomic_write(paths["runs"]) as handle:
+        json.dump(run_configs(tracking_uri, dataset, experiment_name, output_dir), handle, indent=1, sort_keys=True)
+        handle.write("\n")
     return paths
+
+
+def run_configs(tracking_uri: str, dataset: str, experiment_name: str | None = None,
+                output_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Every FINISHED run of ``dataset`` (pre-training, fine-tune, evaluate) with its tags and logged config:
+    what traces each number of the table to its settings, seed and labelled volumes."""
+    records = runs_as_records(search_runs(tracking_uri, experiment_name, {"dataset": dataset}, output_dir, status="FINISHED"))
+    keep = lambda tags: {k: v for k, v in tags.items() if not k.startswith("mlflow.")}
+    return sorted(({"run_id": r["run_id"], "run_name": r["run_name"], "tags": keep(r["tags"]), "params": r["params"]}
+                   for r in records), key=lambda r: (r["run_name"], r["run_id"]))
