@@ -13,6 +13,7 @@ batches ahead of the ones consumed, so resume exactly with ``num_workers=0`` (th
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 __all__ = ["MetaLabelBatchSampler", "RandomBatchSampler"]
 
 
-class _ResumableBatchSampler:
+class _ResumableBatchSampler(ABC):
     """Epoch bookkeeping shared by the samplers: ``set_epoch``, ``state_dict``, resume mid-epoch."""
 
     def __init__(self, seed: int) -> None:
@@ -33,8 +34,9 @@ class _ResumableBatchSampler:
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch])
 
+    @abstractmethod
     def _epoch_batches(self, rng: np.random.Generator) -> list[list[int]]:
-        raise NotImplementedError
+        """The batches of one epoch, drawn from ``rng``."""
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its first batch."""
