@@ -318,3 +318,12 @@ def test_preset_predictions_keep_the_source_nifti_affine(preset_run: dict[str, A
         pred, source = nib.load(path), nib.load(acdc_dir / entry["image"])
         assert pred.shape == source.shape
         np.testing.assert_allclose(pred.affine, source.affine, atol=1e-5)
+
+
+def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
+    """'gcl+mean_teacher' must not silently run plain fine-tuning under a Mean Teacher label."""
+    from metacontrast.workflows.grid import parse_method
+
+    with pytest.raises(ValueError, match="not implemented"):
+        parse_method("gcl+mean_teacher")
+    assert parse_method("gcl@fast_lr").finetune_overrides == {"learning_rate": 0.001, "batch_size": 8}

@@ -6,7 +6,7 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
 * ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
 * ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
   ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
-* ``gcl+mean_teacher`` -- fine-tuning with the ``semi_supervised`` add-on;
+* ``gcl+mean_teacher`` -- reserved for the semi-supervised fine-tuning add-ons (refused until they exist);
 * ``gcl@fast_lr`` -- fine-tuning with a named recipe of ``bundles/common/configs/recipes.json``
   (the pre-training is shared with ``gcl``).
 
@@ -55,7 +55,9 @@ def parse_method(name: str) -> MethodSpec:
     rest, _, recipe = name.partition("@")
     base, _, semi = rest.partition("+")
     bundle, _, variant = base.partition("/")
-    finetune = {"semi_supervised": semi} if semi else {}
+    if semi:  # refuse rather than run plain fine-tuning under a Mean Teacher / Mixup label
+        raise ValueError(f"method {name!r}: semi-supervised fine-tuning add-ons ({semi!r}) are not implemented yet")
+    finetune: dict[str, Any] = {}
     if recipe:
         recipes = json.loads((COMMON / "recipes.json").read_text())
         if recipe not in recipes or recipe.startswith("_"):
