@@ -13,6 +13,7 @@ losses, plain average, one backward), ``gcl`` (GradMitigator: one backward per m
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
@@ -94,12 +95,13 @@ def main(scale: str = "cpu", batch_size: int = 48, steps: int = 5, warmup: int =
     batch = _batch(batch_size, size, dataset_dir, datalist)
     results = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "scale": scale, "features": list(features), "image_size": size, "batch_slices": batch_size, "variants": {}}
+               "scale": scale, "features": list(features), "image_size": size, "batch_slices": batch_size,
+               "load_average_at_start": os.getloadavg()[0], "variants": {}}
     for variant in ("plain", "gcl_sum", "gcl"):
         results["variants"][variant] = _time_variant(variant, features, batch, device, steps, warmup)
     plain = results["variants"]["plain"]["step_s"]
     print(f"device {results['device']} ({results['threads']} threads), scale {scale}: widths {features}, {size}x{size}, "
-          f"{batch_size} slices x 2 views per step")
+          f"{batch_size} slices x 2 views per step; load average at start {results['load_average_at_start']:.2f}")
     for name, r in results["variants"].items():
         r["relative_to_plain"] = r["step_s"] / plain
         print(f"  {name:8s} {r['step_s'] * 1000:8.1f} ms/step  {r['images_per_s']:8.1f} images/s  "
