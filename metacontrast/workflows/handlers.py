@@ -59,7 +59,7 @@ class EncoderSaver:
 
     def __call__(self, engine: Engine) -> None:
         state = encoder_state_dict(self.network, self.num_decoder_blocks)
-        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        if not tensors_finite(state):
             engine.logger.error(f"encoder weights are not finite at epoch {engine.state.epoch}; {self.path} not overwritten")
             return
         atomic_torch_save({"state_dict": state, "network": self.network_kwargs, "method": self.method,
