@@ -264,3 +264,17 @@ def test_pixel_loss_gradient_matches_autograd():
     (grad,) = torch.autograd.grad(PixelContrastiveLoss(0.1, 0.3)(u_map, z_map, positives), u_map)
     (expected,) = torch.autograd.grad(_eq5_autograd(u_map, z_map, positives, 0.1, 0.3), u_map)
     torch.testing.assert_close(grad, expected)
+
+
+def test_pixel_loss_does_not_depend_on_anchor_chunks():
+    """Chunking the anchors (to bound memory at full scale) changes neither the loss, the GradFilter choice, nor the gradient."""
+    torch.manual_seed(6)
+    u_map, z_map = torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, 5, 3, 3)
+    positives = meta_label_positive_mask(torch.tensor([0, 1, 0, 1]))
+    results = []
+    for chunk in (0, 3):
+        grad_filter = GradFilter(total_steps=10)
+        grad_filter.step = 5
+        loss = PixelContrastiveLoss(0.1, 0.5, grad_filter, anchor_chunk=chunk)(u_map, z_map, positives)
+        results.append((loss, *torch.autograd.grad(loss, u_map)))
+    torch.testing.assert_close(results[0], results[1])

@@ -38,7 +38,8 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def positive_gradient_norms(
-    logits: torch.Tensor, pool: torch.Tensor, negatives: torch.Tensor, grams: torch.Tensor, temperature: float
+    logits: torch.Tensor, pool: torch.Tensor, weights: torch.Tensor, neg_lse: torch.Tensor, grams: torch.Tensor,
+    temperature: float,
 ) -> torch.Tensor:
     """Magnitude of the gradient each positive induces, in closed form (Eq. 7 through the embedding layer).
 
@@ -49,21 +50,19 @@ def positive_gradient_norms(
     ``||dl/dW|| = ||(I - u u^T) dl/du|| * ||r|| / ||v||``; the last two factors are shared by every
     positive of the anchor, so the ranking uses ``(1 - p+)/tau * ||(I - u u^T)(m - u+)||``, returned here.
     Gradients flow through the anchor only (positives and negatives act as targets).  With the
-    negatives' weights ``w`` and the Gram matrix ``G_j`` of image ``j``'s unit embeddings, every term is a
-    contraction of ``w`` and ``G_j``, so ``m`` is never formed:
+    negatives' softmax weights ``w`` and the Gram matrix ``G_j`` of image ``j``'s unit embeddings, every
+    term is a contraction of ``w`` and ``G_j``, so ``m`` is never formed:
     ``m.u+ = (w G_j)[u+]``, ``||m||^2 = (w G_j) . w``, ``u.m = tau * (w . logits)``.
 
     Args:
         logits: (Bi, hw, Bj, hw) ``u . u_j / tau`` for anchor images ``i`` and other images ``j``.
         pool: (Bi, hw, Bj, k) indices of each anchor's positives in ``x_j``.
-        negatives: (Bi, hw, Bj, hw) bool, True for ``N_u``.
+        weights: (Bi, hw, Bj, hw) softmax of the logits over ``N_u`` (0 outside it; all 0 without negatives).
+        neg_lse: (Bi, hw, Bj, 1) ``lse_{N_u}`` of the logits.
         grams: (Bj, hw, hw) ``G_j = U_j U_j^T``.
     Returns:
         (Bi, hw, Bj, k) gradient magnitudes, one per positive.
     """
-    neg_logits = logits.masked_fill(~negatives, float("-inf"))
-    neg_lse = neg_logits.logsumexp(dim=-1, keepdim=True)
-    weights = torch.nan_to_num(torch.softmax(neg_logits, dim=-1))            # w, 0 where no negatives
     weighted_gram = torch.einsum("iujv,jvw->iujw", weights, grams)           # w G_j
     pos_logit = logits.gather(-1, pool)
     p_pos = torch.sigmoid(pos_logit - neg_lse)
@@ -138,28 +137,28 @@ class PixelContrastiveLoss(nn.Module):
 
     def _anchor_rows(self, u_i, u_all, z_i, z_all, pool_size: int, grams, needed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For anchor images ``u_i`` against every image: pair losses (Bi, B), their gradient with respect to
-        the logits (Bi, hw, B, hw), and the number of kept positives per pair (Bi, B) averaged over anchors."""
+        the logits (Bi, hw, B, hw), and the number of kept positives per pair (Bi, B) averaged over anchors.
+        Each (Bi, hw, B, hw) tensor is made once and reused in place (these dominate the step's memory traffic)."""
         hw = u_i.shape[1]
         pool = _pairwise(z_i, z_all).topk(pool_size, dim=-1).indices           # Eq. 6 top-K: (Bi, hw, B, k)
-        negatives = torch.ones(*pool.shape[:3], u_all.shape[1], dtype=torch.bool, device=u_i.device)
-        negatives.scatter_(-1, pool, False)
-        logits = _pairwise(u_i, u_all) / self.temperature                      # (Bi, hw, B, hw)
-        neg_logits = logits.masked_fill(~negatives, float("-inf"))
-        neg_lse = neg_logits.logsumexp(dim=-1, keepdim=True)
+        logits = _pairwise(u_i, u_all).div_(self.temperature)                  # (Bi, hw, B, hw)
         pos_logits = logits.gather(-1, pool)
+        weights = logits.scatter(-1, pool, float("-inf"))                      # logits over N_u only ...
+        neg_lse = weights.logsumexp(dim=-1, keepdim=True)
+        weights = torch.softmax(weights, dim=-1).nan_to_num_(0.0)              # ... -> softmax over N_u (0 without negatives)
         per_positive = F.softplus(neg_lse - pos_logits)                        # (Bi, hw, B, k)
         if self._filtering:
-            keep = self.grad_filter.select(positive_gradient_norms(logits, pool, negatives, grams, self.temperature)).to(logits.dtype)
+            norms = positive_gradient_norms(logits, pool, weights, neg_lse, grams, self.temperature)
+            keep = self.grad_filter.select(norms).to(logits.dtype)
         else:
             keep = torch.ones_like(per_positive)
-        weight = keep / keep.sum(-1, keepdim=True) / hw                       # each kept positive's share of the pair loss
-        losses = (per_positive * weight).sum(dim=(1, 3))                       # (Bi, B)
-        # d loss / d logit: -sigmoid(lse_N - s+) per kept positive; its sum times softmax over N_u for negatives
-        pos_grad = -torch.sigmoid(neg_lse - pos_logits) * weight
-        local_grad = torch.nan_to_num(torch.softmax(neg_logits, dim=-1)) * (-pos_grad.sum(-1, keepdim=True))
-        local_grad.scatter_add_(-1, pool, pos_grad)
-        needed_f = needed.to(losses.dtype)
-        return losses * needed_f, local_grad * needed_f[:, None, :, None], (keep.sum(-1).mean(1) / pool_size) * needed_f
+        needed_f = needed.to(logits.dtype)
+        share = keep / keep.sum(-1, keepdim=True) / hw * needed_f[:, None, :, None]  # each kept positive's share of the pair loss
+        losses = (per_positive * share).sum(dim=(1, 3))                        # (Bi, B), 0 outside needed
+        # d loss / d logit: -sigmoid(lse_N - s+) per kept positive; its sum times the softmax over N_u for negatives
+        pos_grad = -torch.sigmoid(neg_lse - pos_logits) * share
+        local_grad = weights.mul_(-pos_grad.sum(-1, keepdim=True)).scatter_add_(-1, pool, pos_grad)
+        return losses, local_grad, (keep.sum(-1).mean(1) / pool_size) * needed_f
 
 
 class _PairLosses(torch.autograd.Function):
