@@ -34,25 +34,49 @@ def data_root(request: pytest.FixtureRequest) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def acdc_dir(data_root: Path) -> Path:
-    path = data_root / "acdc" / "training"
+def _data_folder(data_root: Path, *parts: str) -> Path:
+    """``data_root/parts...``, or skip the test naming the folder that is missing."""
+    path = data_root.joinpath(*parts)
     if not path.is_dir():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(scope="session")
+def acdc_dir(data_root: Path) -> Path:
+    return _data_folder(data_root, "acdc", "training")
 
 
 @pytest.fixture(scope="session")
 def hippocampus_dir(data_root: Path) -> Path:
-    path = data_root / "hippocampus"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
+    return _data_folder(data_root, "hippocampus")
 
 
 @pytest.fixture(scope="session")
 def dicom_dir(data_root: Path) -> Path:
-    path = data_root / "dicom_pgbm"
-    if not path.is_dir():
-        pytest.skip(f"{path} not found")
-    return path
+    return _data_folder(data_root, "dicom_pgbm")
+
+
+@pytest.fixture(scope="session")
+def sample_grid(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real results grid on the embedded sample, made once per session by one ``run_grid`` call.
+
+    Random init and GCL, L = 1, seed 0, U-Net widths 8..128; GCL pre-trains for 2 iterations, fine-tuning
+    runs 4 iterations of batch 16 (2 epochs, validated each), evaluate scores the test volume.  Returns the
+    folders and the MLflow store; a test that changes something there must put it back.
+    """
+    from metacontrast.workflows.grid import run_grid
+    from tests.helpers import in_repo
+
+    root = tmp_path_factory.mktemp("sample_grid")
+    dataset_dir = repo_root / "sample_data" / "hippocampus"
+    with in_repo(repo_root):
+        paths = run_grid(
+            dataset="sample", dataset_dir=str(dataset_dir), methods=["random", "gcl"], labeled=[1], seeds=[0],
+            runs_dir=str(root / "runs"), results_dir=str(root / "results"),
+            overrides={"features": [8, 16, 32, 64, 128], "cache_dir": str(root / "cache")},
+            pretrain_overrides={"max_iterations": 2},
+            finetune_overrides={"max_iterations": 4, "val_interval": 1, "batch_size": 16},
+        )  # fmt: skip
+    return {"root": root, "runs_dir": root / "runs", "dataset_dir": dataset_dir, "results": paths,
+            "tracking_uri": f"sqlite:///{(root / 'runs' / 'sample' / 'mlruns.db').resolve()}"}  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 
 @contextlib.contextmanager
@@ -21,3 +22,41 @@ def in_repo(repo_root: Path) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(threads)
+
+
+def dice_per_class(a, b) -> dict[int, float]:
+    """Dice of every foreground label present in either of two label maps (numpy arrays of one shape)."""
+    import numpy as np
+
+    out = {}
+    for label in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0}):
+        x, y = a == label, b == label
+        out[int(label)] = 2.0 * np.logical_and(x, y).sum() / max(x.sum() + y.sum(), 1)
+    return out
+
+
+def finetune_and_evaluate(repo_root: Path, root: Path, **overrides) -> dict:
+    """Fine-tune and evaluate through ``monai.bundle.run`` from the repo root, as a user would, into ``root/out``
+    (runs, slice cache and MLflow store under ``root``); returns the output folder, the local tracking URI and
+    the FINISHED fine-tune run (the run the exporter takes)."""
+    from monai.bundle import run as run_bundle
+
+    from metacontrast.workflows.tracking import find_run, local_tracking_uri
+
+    output_dir = root / "out"
+    settings = {"runs_dir": str(root / "runs"), "output_dir": str(output_dir), "cache_dir": str(root / "cache"), **overrides}
+    with in_repo(repo_root):
+        run_bundle(config_file="bundles/common/configs/finetune.json", **settings)
+        run_bundle(config_file="bundles/common/configs/evaluate.json", **settings)
+    uri = local_tracking_uri(output_dir)
+    finetune = find_run(uri, f"metacontrast-{settings.get('dataset', 'sample')}", {"workflow": "finetune"}, status="FINISHED")
+    assert finetune is not None, f"no finished fine-tune run in {uri}"
+    return {"root": root, "output_dir": output_dir, "uri": uri, "run_id": finetune.info.run_id}
+
+
+def parsed_config(repo_root: Path, *config_files: str, **overrides) -> ConfigParser:
+    """The bundle configs ``config_files`` (relative to the repo) merged in order, with ``overrides`` applied."""
+    parser = ConfigParser()
+    parser.read_config([str(repo_root / f) for f in config_files])
+    parser.update(overrides)
+    return parser

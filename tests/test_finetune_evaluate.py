@@ -9,12 +9,10 @@ the saved predictions equal to the CSV and to what MLflow holds; a background-on
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +31,13 @@ from metacontrast.data.transforms import volume_preprocessing
 from metacontrast.workflows.evaluate import evaluate_split, run_evaluation, score_saved_predictions, to_source_grid
 from metacontrast.workflows.metrics import flatten_summary
 from metacontrast.workflows.tracking import local_tracking_uri, start_run
+from tests.helpers import in_repo
 
 FINETUNE = "bundles/common/configs/finetune.json"
 EVALUATE = "bundles/common/configs/evaluate.json"
 GCL_PRETRAIN = "bundles/gcl/configs/pretrain.json"
 SAMPLE_MANIFEST = "data_manifests/sample.json"
 SAMPLE_DIR = "sample_data/hippocampus"
-
-
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    """Workflows resolve ``data_manifests/...``, ``sample_data/...`` and ``%bundles/...`` from the repo root."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        yield
 
 
 def same(a: float, b: float, rel: float = 1e-9) -> bool:

@@ -5,17 +5,15 @@ decoder blocks filled, and the results runner accepting the method."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.bundle import ConfigParser, create_workflow
+from monai.bundle import create_workflow
 from monai.bundle import run as run_bundle
 
 from metacontrast.losses import GlobalContrastiveLoss, LocalContrastiveLoss, global_masks, local_masks, nt_xent, region_corners
@@ -23,19 +21,13 @@ from metacontrast.losses.contrastive import multi_positive_info_nce, positive_ma
 from metacontrast.nets import DecoderWithHeads, ProjectionHead, SegmentationUNet, UNetEncoder, encoder_state_dict
 from metacontrast.workflows import initialise_encoder
 from metacontrast.workflows.grid import parse_method
+from tests.helpers import in_repo, parsed_config
 
 PRETRAIN = "bundles/glcl/configs/pretrain.json"
 FINETUNE = "bundles/common/configs/finetune.json"
 CPU_PRESET = "bundles/common/configs/presets/cpu.json"
 TINY = [8, 16, 32, 64, 128]
 BLOCKS = 2  # the bundle's pretrained_decoder_blocks (the paper's l = 3)
-
-
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        yield
 
 
 def eq1(z: torch.Tensor, i: int, j: int, negatives: list[int], tau: float) -> float:
@@ -205,21 +197,14 @@ def test_local_stage_freezes_the_encoder_and_trains_the_decoder_blocks() -> None
 # -- the bundle ------------------------------------------------------------------------------------
 
 
-def parsed(repo_root: Path, *config_files: str, **overrides) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(repo_root / f) for f in config_files])
-    parser.update(overrides)
-    return parser
-
-
 def test_stage_lengths_paper_epochs_and_cpu_preset(repo_root: Path) -> None:
     """10^4 iterations per stage by default; --max_epochs switches to epochs; the CPU preset's max_iterations scales both."""
     with in_repo(repo_root):
-        paper = parsed(repo_root, PRETRAIN)
+        paper = parsed_config(repo_root, PRETRAIN)
         assert [paper.get_parsed_content(k) for k in ("global_iterations", "local_iterations")] == [10000, 10000]
-        epochs = parsed(repo_root, PRETRAIN, max_epochs=1)
+        epochs = parsed_config(repo_root, PRETRAIN, max_epochs=1)
         assert [epochs.get_parsed_content(k) for k in ("global_iterations", "local_iterations")] == [0, 0]
-        cpu = parsed(repo_root, PRETRAIN, CPU_PRESET)
+        cpu = parsed_config(repo_root, PRETRAIN, CPU_PRESET)
         expected = json.loads((repo_root / CPU_PRESET).read_text())["cpu_iterations"]["pretrain"]
         assert [cpu.get_parsed_content(k) for k in ("global_iterations", "local_iterations")] == [expected, expected]
 

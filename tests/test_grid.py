@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import read_manifest
 from metacontrast.workflows.grid import run_grid
+from tests.helpers import in_repo
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +58,6 @@ CPU_FEATURES = [f // 2 for f in default_features()]
 def conv_widths(state_dict: dict[str, torch.Tensor]) -> set[int]:
     """Output widths of the 2D convolutions in a state dict (independent of how the blocks are named)."""
     return {int(v.shape[0]) for k, v in state_dict.items() if k.endswith("weight") and v.ndim == 4}
-
-
-@contextlib.contextmanager
-def in_repo(repo_root: Path) -> Iterator[None]:
-    """Workflows resolve ``data_manifests/...`` and ``%bundles/...`` references from the repo root."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(repo_root)
-        yield
 
 
 def all_runs(tracking_uri: str) -> list[Any]:
@@ -321,9 +313,36 @@ def test_preset_predictions_keep_the_source_nifti_affine(preset_run: dict[str, A
 
 
 def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
-    """'gcl+mean_teacher' must not silently run plain fine-tuning under a Mean Teacher label."""
+    """'gcl+mean_teacher' fine-tunes with Mean Teacher (semi_supervised is passed on); an unknown add-on is
+    refused rather than run as plain fine-tuning under its label."""
     from metacontrast.workflows.grid import parse_method
 
-    with pytest.raises(ValueError, match="not implemented"):
-        parse_method("gcl+mean_teacher")
+    with pytest.raises(ValueError, match=r"unknown semi-supervised add-on 'fixmatch'; known: mean_teacher, mixup, cross_pseudo"):
+        parse_method("gcl+fixmatch")
+    assert parse_method("gcl+mean_teacher").finetune_overrides == {"semi_supervised": "mean_teacher"}
+    assert parse_method("random+mixup").finetune_overrides == {"semi_supervised": "mixup"}
+    assert parse_method("gcl+cross_pseudo@fast_lr").finetune_overrides == {"semi_supervised": "cross_pseudo", "learning_rate": 0.001, "batch_size": 8}
     assert parse_method("gcl@fast_lr").finetune_overrides == {"learning_rate": 0.001, "batch_size": 8}
+    assert parse_method("gcl+mixup").bundle == "gcl"  # the pre-training is GCL's
+
+
+def test_bundle_finetune_defaults_are_merged_over_the_common_configs(repo_root: Path) -> None:
+    """A bundle with configs/finetune.json (IDEAL: cross pseudo supervision) gets it merged over the common
+    fine-tune and evaluate configs; a bundle without one runs the common configs alone."""
+    from metacontrast.workflows.grid import parse_method
+
+    own = repo_root / "bundles" / "ideal" / "configs" / "finetune.json"
+    if not (repo_root / "bundles" / "ideal" / "configs" / "pretrain.json").is_file():
+        pytest.skip("the IDEAL bundle has no pretrain.json yet")
+    for workflow in ("finetune", "evaluate"):
+        files = parse_method("ideal").workflow_configs(workflow)
+        assert files == [str(repo_root / CONFIGS / f"{workflow}.json"), str(own)]
+        parser = ConfigParser()
+        parser.read_config(files)
+        assert parser["semi_supervised"] == "cross_pseudo"
+        assert parse_method("gcl").workflow_configs(workflow) == [str(repo_root / CONFIGS / f"{workflow}.json")]
+    with in_repo(repo_root):
+        parser = ConfigParser()
+        parser.read_config(parse_method("ideal").workflow_configs("evaluate"))
+        parser.parse()
+        assert parser.get_parsed_content("network").__class__.__name__ == "DualDecoderUNet"

@@ -88,7 +88,17 @@ def multi_positive_info_nce(
     """
     z = F.normalize(z, dim=1)
     log_prob = pair_log_prob(z, temperature) if negatives is None else pair_log_prob_vs_negatives(z, negatives, temperature)
-    pair_weight = positives.to(z.dtype) if weights is None else positives.to(z.dtype) * weights
+    return mean_over_positives(log_prob, positives, weights)
+
+
+def mean_over_positives(log_prob: torch.Tensor, positives: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_i -1/|P_i| sum_{j in P_i} w_ij log_prob[i, j]`` over the anchors with a positive.
+
+    Args:
+        log_prob: (R, R') log-probabilities of the pairs (entries outside ``positives`` are ignored, -inf included).
+        positives: (R, R') bool mask of ``P_i``.  weights: optional (R, R') per-pair weights.
+    """
+    pair_weight = positives.to(log_prob.dtype) if weights is None else positives.to(log_prob.dtype) * weights
     per_pair = -(log_prob.masked_fill(~positives, 0.0)) * pair_weight
     counts = positives.sum(dim=1)
     has_positive = counts > 0

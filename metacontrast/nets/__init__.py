@@ -1,4 +1,5 @@
 from .heads import DecoderWithHeads, EncoderWithHeads, PooledProjectionHead, ProjectionHead, pooled_embedding
+from .macl import MACLNetwork, PixelProjector, downsample, pad_to_multiple
 from .unet import (
     DEFAULT_CHANNELS,
     PretrainedWeightsMismatch,

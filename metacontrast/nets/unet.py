@@ -73,13 +73,15 @@ class SegmentationUNet(UNet):
             feats.append(x)
         return feats
 
-    def decode(self, feats: Sequence[torch.Tensor], num_blocks: int | None = None) -> torch.Tensor:
+    def decode(self, feats: Sequence[torch.Tensor], num_blocks: int | None = None,
+               blocks: Sequence[nn.Module] | None = None) -> torch.Tensor:
         """Run the first ``num_blocks`` up blocks (all: the logits (B, out_channels, H, W)) on ``encode``'s output.
 
-        Each up block sees ``cat(skip, deeper)`` as MONAI's ``SkipConnection`` builds it.
+        Each up block sees ``cat(skip, deeper)`` as MONAI's ``SkipConnection`` builds it.  ``blocks``
+        (deepest first) replaces this network's up blocks, e.g. a second decoder on the same encoder.
         """
         x = feats[-1]
-        for block, skip in zip(self.decoder_blocks(num_blocks), reversed(feats[:-1])):
+        for block, skip in zip(self.decoder_blocks(num_blocks) if blocks is None else blocks, reversed(feats[:-1])):
             x = block(torch.cat([skip, x], dim=1))
         return x
 

@@ -3,11 +3,13 @@
 * :class:`PretrainData` -- unlabelled slices of the ``pretrain`` split with meta labels, batched by the
   meta-label-aware sampler (or plainly at random);
 * :class:`FinetuneData` -- the ``L`` labelled volumes drawn from ``train`` by the seed, slice batches for
-  training, and whole ``val`` volumes (1, 1, H, W, D) for 3D validation.
+  training, whole ``val`` volumes (1, 1, H, W, D) for 3D validation, and (for semi-supervised
+  fine-tuning) batches of unlabelled slices of the other ``train`` volumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -155,12 +157,17 @@ class FinetuneData:
     Args:
         num_labeled: L, labelled volumes.  seed: selects them (see :func:`select_labeled`).
         batch_size: labelled slices per step.  max_volumes: caps the train pool and ``val`` (0 = all).
+        unlabeled_batch_size: unlabelled slices per step (0 = no unlabelled loader; semi-supervised modes
+            set it, see :func:`metacontrast.semi.unlabeled_batch_size`).
         Others as :class:`PretrainData`.
     Attributes:
         train_loader: random batches of labelled slices (dicts with ``image``, ``label``), one epoch =
             one pass over the L volumes' slices.
         val_loader: whole ``val`` volumes, batch size 1.
         labeled_volume_ids: ``volume_id`` of the L volumes (logged, so a run can be traced).
+        unlabeled_loader: random batches (dicts with ``image`` only: the labels are dropped) of the slices
+            of the (capped) ``train`` pool's other volumes, ``unlabeled_sampler`` its resumable sampler,
+            ``unlabeled_volume_ids`` those volumes; ``None`` / ``[]`` when ``unlabeled_batch_size`` is 0.
     """
 
     def __init__(
@@ -175,6 +182,7 @@ class FinetuneData:
         preprocessing_overrides: dict | None = None,
         cache_dir: str = "",
         device: str | torch.device = "cpu",
+        unlabeled_batch_size: int = 0,
     ) -> None:
         manifest = read_manifest(datalist)
         self.labels: dict[str, str] = manifest["labels"]
@@ -187,10 +195,21 @@ class FinetuneData:
             entries, dataset_dir, self.settings["pixel_size"], self.settings["spatial_size"], with_labels=True,
             cache_dir=cache_dir or None,
         ).to(device)
-        self.train_cache = build(pool).subset(chosen)
+        pool_cache = build(pool)
+        self.train_cache = pool_cache.subset(chosen)
         self.sampler = RandomBatchSampler(len(self.train_cache), min(batch_size, len(self.train_cache)), seed=seed, drop_last=False)
         self.train_loader = make_slice_loader(self.train_cache, self.sampler)
         self.epoch_length = len(self.sampler)
+        self.unlabeled_loader, self.unlabeled_sampler, self.unlabeled_volume_ids = None, None, []
+        if unlabeled_batch_size > 0:
+            others = [k for k in range(len(pool)) if k not in chosen]
+            if not others:
+                raise ConfigError(f"semi-supervised fine-tuning needs unlabelled train volumes, but all {len(pool)} of the "
+                                  f"train pool of {datalist} are labelled (num_labeled={num_labeled}, max_volumes={max_volumes})")
+            self.unlabeled_volume_ids = [pool[k]["volume_id"] for k in others]
+            unlabeled = dataclasses.replace(pool_cache.subset(others), labels=None)
+            self.unlabeled_sampler = RandomBatchSampler(len(unlabeled), min(unlabeled_batch_size, len(unlabeled)), seed=seed)
+            self.unlabeled_loader = make_slice_loader(unlabeled, self.unlabeled_sampler)
         val_entries = cap(manifest["val"], max_volumes)
         self.val_loader = (
             torch.utils.data.DataLoader(VolumeDataset(build(val_entries)), batch_size=1) if val_entries else None

@@ -6,7 +6,9 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
 * ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
 * ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
   ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
-* ``gcl+mean_teacher`` -- reserved for the semi-supervised fine-tuning add-ons (refused until they exist);
+* ``gcl+mean_teacher`` -- GCL's encoder fine-tuned with a semi-supervised add-on (``mean_teacher``,
+  ``mixup``, ``cross_pseudo``; the fine-tune key ``semi_supervised``, see :mod:`metacontrast.semi`);
+  the pre-training is shared with ``gcl``, the runs are tagged and filed under the full name;
 * ``gcl@fast_lr`` -- fine-tuning with a named recipe of ``bundles/common/configs/recipes.json``
   (the pre-training is shared with ``gcl``).
 
@@ -14,6 +16,9 @@ Every workflow runs in this process through ``monai.bundle.run`` with the same M
 combination is skipped when the store already holds its FINISHED run (pre-training: the encoder file
 exists too), so an interrupted grid resumes where it stopped.  The table and plot are then made from
 the store alone by :func:`metacontrast.workflows.results.write_results`.
+
+A bundle may set its own fine-tune defaults in ``bundles/<bundle>/configs/finetune.json`` (IDEAL: cross
+pseudo supervision); that file is merged over the common fine-tune and evaluate configs of its rows.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from monai.bundle import run as run_bundle
 
 from .. import REPO_ROOT
+from ..semi import ADD_ONS
 from .results import write_results
 from .tracking import completed_runs
 
@@ -48,6 +54,11 @@ class MethodSpec:
     def pretrain_config(self) -> Path:
         return REPO_ROOT / "bundles" / str(self.bundle) / "configs" / "pretrain.json"
 
+    def workflow_configs(self, workflow: str) -> list[str]:
+        """``bundles/common/configs/<workflow>.json``, then the bundle's own ``finetune.json`` defaults if it has one."""
+        own = REPO_ROOT / "bundles" / str(self.bundle) / "configs" / "finetune.json"
+        return [str(COMMON / f"{workflow}.json")] + ([str(own)] if self.bundle is not None and own.is_file() else [])
+
 
 def parse_method(name: str) -> MethodSpec:
     """``gcl/naive_sum+mean_teacher@fast_lr`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
@@ -55,9 +66,9 @@ def parse_method(name: str) -> MethodSpec:
     rest, _, recipe = name.partition("@")
     base, _, semi = rest.partition("+")
     bundle, _, variant = base.partition("/")
-    if semi:  # refuse rather than run plain fine-tuning under a Mean Teacher / Mixup label
-        raise ValueError(f"method {name!r}: semi-supervised fine-tuning add-ons ({semi!r}) are not implemented yet")
-    finetune: dict[str, Any] = {}
+    if semi and semi not in ADD_ONS:  # refuse rather than run plain fine-tuning under an unknown add-on's label
+        raise ValueError(f"method {name!r}: unknown semi-supervised add-on {semi!r}; known: {', '.join(ADD_ONS)}")
+    finetune: dict[str, Any] = {"semi_supervised": semi} if semi else {}
     if recipe:
         recipes = json.loads((COMMON / "recipes.json").read_text())
         if recipe not in recipes or recipe.startswith("_"):
@@ -143,8 +154,8 @@ class ResultsGrid:
         overrides = {**self.common, **spec.finetune_overrides, **self.finetune_extra, "method": spec.name,
                      "num_labeled": num_labeled, "seed": seed, "output_dir": str(out), "pretrained_ckpt": encoder}
         tag = f"{spec.name} L={num_labeled} seed={seed}"
-        if self._run(f"finetune {tag}", [str(COMMON / "finetune.json"), *self.presets], overrides):
-            self._run(f"evaluate {tag}", [str(COMMON / "evaluate.json"), *self.presets], {**overrides, "ckpt": str(out / "model.pt")})
+        if self._run(f"finetune {tag}", [*spec.workflow_configs("finetune"), *self.presets], overrides):
+            self._run(f"evaluate {tag}", [*spec.workflow_configs("evaluate"), *self.presets], {**overrides, "ckpt": str(out / "model.pt")})
 
     def run(self) -> dict[str, Path]:
         for spec in self.methods:

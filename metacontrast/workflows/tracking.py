@@ -549,9 +549,14 @@ def start_workflow_run(
     run of this config continues that MLflow run (its id is stored in ``<output_dir>/<workflow>_run.json``),
     so a crashed run that is started again stays one MLflow run; the id of the run opened here is then
     written back to that file before any training happens.  ``tags["workflow"]`` names the workflow.
+    In a ``torchrun`` job rank 0 owns the folder and the run; other ranks get a
+    :class:`~metacontrast.engines.distributed.FollowerRun` that logs nothing.
     """
+    from ..engines.distributed import FollowerRun, is_leader
     from .checkpoints import prepare_output_dir
 
+    if not is_leader():
+        return FollowerRun()  # type: ignore[return-value]
     workflow = str(tags.get("workflow", "run"))
     state = prepare_output_dir(output_dir, workflow, config, overwrite=overwrite)
     run = start_run(tracking_uri, experiment_name, run_name, tags, output_dir, resume_run_id=state.mlflow_run_id, config=config)
