@@ -35,9 +35,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import in_repo
+from tests.helpers import dice_per_class, finetune_and_evaluate
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
-from monai.bundle import run as run_bundle
 
 from metacontrast.export import vendor
 from metacontrast.export.bundle import ExportError, check_metadata, export_bundle
@@ -45,10 +44,9 @@ from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import initialise_encoder, read_manifest
 from metacontrast.workflows.results import aggregate, collect_evaluate_runs, format_table
-from metacontrast.workflows.tracking import find_run, local_tracking_uri
+from metacontrast.workflows.tracking import find_run
 
 FINETUNE = "bundles/common/configs/finetune.json"
-EVALUATE = "bundles/common/configs/evaluate.json"
 SAMPLE_MANIFEST = "data_manifests/sample.json"
 SAMPLE_DIR = "sample_data/hippocampus"
 TINY = [8, 16, 32, 64, 128]
@@ -56,15 +54,6 @@ SCHEMA = Path(__file__).resolve().parent / "schemas" / "mb_metadata.schema.json"
 SUBPROCESS_TIMEOUT_S = 600
 
 
-
-
-def dice_per_class(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
-    """Dice of every foreground label present in either map (1.0 for a label absent from both)."""
-    out = {}
-    for label in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0}):
-        x, y = a == label, b == label
-        out[int(label)] = 2.0 * np.logical_and(x, y).sum() / max(x.sum() + y.sum(), 1)
-    return out
 
 
 def outside_repo_env(repo_root: Path) -> dict[str, str]:
@@ -87,24 +76,15 @@ def run_checked(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Co
 
 @pytest.fixture(scope="module")
 def trained(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("export_run")
-    output_dir = root / "out"
     # batch 16 over one sample volume's ~35 slices: 3 steps an epoch, so 4 iterations = 2 epochs
-    overrides = {
-        "features": TINY, "max_iterations": 4, "val_interval": 1, "batch_size": 16, "seed": 0, "num_labeled": 1,
-        "runs_dir": str(root / "runs"), "output_dir": str(output_dir), "cache_dir": str(root / "cache"),
-    }  # fmt: skip
-    with in_repo(repo_root):
-        run_bundle(config_file=FINETUNE, **overrides)
-        run_bundle(config_file=EVALUATE, **overrides)
-    uri = local_tracking_uri(output_dir)
-    finetune = find_run(uri, "metacontrast-sample", {"workflow": "finetune"}, status="FINISHED")
-    assert finetune is not None
+    run = finetune_and_evaluate(repo_root, tmp_path_factory.mktemp("export_run"), features=TINY, max_iterations=4,
+                                val_interval=1, batch_size=16, seed=0, num_labeled=1)  # fmt: skip
+    root, output_dir, uri = run["root"], run["output_dir"], run["uri"]
     # the results table the runner writes, made from the logged evaluate run (never typed numbers)
     table = format_table(aggregate(collect_evaluate_runs(uri, "sample")), "sample")
     (root / "results" / "sample").mkdir(parents=True)
     (root / "results" / "sample" / "table.md").write_text(table)
-    return {"root": root, "output_dir": output_dir, "run_id": finetune.info.run_id, "uri": uri,
+    return {"root": root, "output_dir": output_dir, "run_id": run["run_id"], "uri": uri,
             "manifest": read_manifest(repo_root / SAMPLE_MANIFEST), "table": table}  # fmt: skip
 
 

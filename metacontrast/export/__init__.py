@@ -3,6 +3,7 @@
 * :mod:`.bundle` -- :func:`export_bundle`: the run (MLflow run id, or checkpoint + settings) -> ``dist/<name>/``;
 * :mod:`.vendor` -- which modules of this package the bundle's configs need, copied under ``scripts/``;
 * :mod:`.writer` -- ``SourceHeaderNiftiWriter``, the image writer the exported inference uses;
+* :mod:`.transforms` -- the exported inference's ``Spacingd`` (MONAI's, safe on MONAI Label's request dicts);
 * ``templates/`` -- the exported ``inference.json``, the model card and the data-licence notes.
 
 Submodules load on first use: a bundle vendors :mod:`.writer` and must not pull in the exporter.
@@ -10,7 +11,7 @@ Submodules load on first use: a bundle vendors :mod:`.writer` and must not pull 
 
 import importlib
 
-_MODULES = ("bundle", "vendor", "writer")
+_MODULES = ("bundle", "transforms", "vendor", "writer")
 _EXPORTS = {"export_bundle": "bundle", "BundleSource": "bundle", "source_from_mlflow": "bundle", "source_from_checkpoint": "bundle"}
 
 

@@ -792,7 +792,7 @@ def _export(source: BundleSource, dest: str | None, name: str | None, version: s
     inference_cfg = make_inference_config(manifest["labels"], settings, preprocessing, info, data_dir)
     for label, cfg in (("train.json", train_cfg), ("evaluate.json", evaluate_cfg), ("inference.json", inference_cfg)):
         _check_portable(label, cfg)
-    references = vendor.config_references([finetune, evaluate]) | {f"{vendor.PACKAGE}.export.writer"}
+    references = vendor.config_references([finetune, evaluate]) | {f"{vendor.PACKAGE}.export.writer", f"{vendor.PACKAGE}.export.transforms"}
     modules = vendor.import_closure({vendor.resolve_module(r) for r in references})
 
     old_changelog = {}
