@@ -46,6 +46,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
@@ -128,10 +129,12 @@ def check_supported(key: str, value: Any, supported: Sequence[Any]) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (after a barrier, so no rank exits while another still needs it)."""
+    """Leave the process group (after a barrier, so no rank exits while another still needs it), and tell
+    ignite, which caches the group it saw: its handlers would otherwise keep asking the destroyed group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    idist.sync()
 
 
 def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
