@@ -34,6 +34,12 @@ def data_root(request: pytest.FixtureRequest) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slice-cache folder shared by the workflows of one test module."""
+    return tmp_path_factory.mktemp("slice_cache")
+
+
 def _data_folder(data_root: Path, *parts: str) -> Path:
     """``data_root/parts...``, or skip the test naming the folder that is missing."""
     path = data_root.joinpath(*parts)

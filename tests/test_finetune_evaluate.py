@@ -115,11 +115,6 @@ def test_finetune_data_rejects_l_above_pool(repo_root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slice_cache")
-
-
-@pytest.fixture(scope="module")
 def finetuned(repo_root: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("finetune")
     output_dir = root / "out"

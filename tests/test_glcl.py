@@ -217,11 +217,6 @@ def test_results_runner_accepts_glcl() -> None:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("glcl_cache")
-
-
-@pytest.fixture(scope="module")
 def sample_run(repo_root: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("glcl_pretrain")
     with in_repo(repo_root):

@@ -192,11 +192,6 @@ def test_other_decoder_depths_keep_the_branches_aligned(repo_root: Path, blocks:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("macl_cache")
-
-
-@pytest.fixture(scope="module")
 def sample_run(repo_root: Path, tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("macl_pretrain")
     with in_repo(repo_root):  # 2 of the sample's volumes hold 73 slices: 2 batches of 32

@@ -73,11 +73,6 @@ def no_training_happened(output_dir: Path) -> None:
     assert not (output_dir / "model.pt").exists() and not (output_dir / "encoder.pt").exists()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slice_cache")
-
-
 def finetune_overrides(root: Path, cache_dir: Path, **extra: Any) -> dict[str, Any]:
     return {"features": FEATURES, "max_iterations": 2, "batch_size": 16, "val_interval": 1, "num_threads": 1,
             "cache_dir": str(cache_dir), "runs_dir": str(root / "runs"), "output_dir": str(root / "out"), **extra}  # fmt: skip

@@ -247,11 +247,6 @@ def test_modes_are_checked() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slice_cache")
-
-
 def test_unlabeled_slices_are_the_other_train_volumes(repo_root: Path, cache_dir: Path) -> None:
     with in_repo(repo_root):
         data = FinetuneData(SAMPLE_MANIFEST, SAMPLE_DIR, "sample", num_labeled=1, batch_size=8, cache_dir=str(cache_dir),

@@ -42,11 +42,6 @@ def datalist(acdc_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("slice_cache")
-
-
-@pytest.fixture(scope="module")
 def cache(datalist: list[dict[str, Any]], acdc_dir: Path, cache_dir: Path) -> SliceCache:
     return build_slice_cache(datalist, acdc_dir, PIXEL, SIZE, cache_dir=cache_dir, progress=False)
 
