@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import Any
+
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -60,3 +62,16 @@ def parsed_config(repo_root: Path, *config_files: str, **overrides) -> ConfigPar
     parser.read_config([str(repo_root / f) for f in config_files])
     parser.update(overrides)
     return parser
+
+
+def pretrained_decoder_checkpoint(encoder: Path, features: list[int], blocks: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A fresh fine-tune U-Net and the ``encoder.pt`` state dict, after checking that the checkpoint holds the
+    first ``blocks`` decoder (up) blocks and none of the others."""
+    from metacontrast.nets import SegmentationUNet
+
+    pretrained = torch.load(encoder, map_location="cpu", weights_only=True)["state_dict"]
+    network = SegmentationUNet(in_channels=1, out_channels=3, features=features)
+    decoder_keys = set(network.module_keys(network.decoder_blocks(blocks)))
+    assert decoder_keys and decoder_keys < set(pretrained), f"the first {blocks} up blocks are in the checkpoint"
+    assert not set(network.module_keys(network.decoder_blocks()[blocks:])) & set(pretrained), "the others are not"
+    return network, pretrained

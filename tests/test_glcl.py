@@ -18,10 +18,10 @@ from monai.bundle import run as run_bundle
 
 from metacontrast.losses import GlobalContrastiveLoss, LocalContrastiveLoss, global_masks, local_masks, nt_xent, region_corners
 from metacontrast.losses.contrastive import multi_positive_info_nce, positive_mask, view_ids
-from metacontrast.nets import DecoderWithHeads, ProjectionHead, SegmentationUNet, UNetEncoder, encoder_state_dict
+from metacontrast.nets import DecoderWithHeads, ProjectionHead, UNetEncoder, encoder_state_dict
 from metacontrast.workflows import initialise_encoder
 from metacontrast.workflows.grid import parse_method
-from tests.helpers import in_repo, parsed_config
+from tests.helpers import in_repo, parsed_config, pretrained_decoder_checkpoint
 
 PRETRAIN = "bundles/glcl/configs/pretrain.json"
 FINETUNE = "bundles/common/configs/finetune.json"
@@ -250,11 +250,7 @@ def test_sample_pretrain_trains_encoder_then_only_the_decoder_blocks(sample_run:
 @pytest.mark.slow
 def test_checkpoint_loads_into_finetune_network_with_decoder_blocks(sample_run: Path, repo_root: Path, tmp_path: Path, cache_dir: Path) -> None:
     encoder = sample_run / "encoder.pt"
-    pretrained = torch.load(encoder, map_location="cpu", weights_only=True)["state_dict"]
-    network = SegmentationUNet(in_channels=1, out_channels=3, features=TINY)
-    decoder_keys = set(network.module_keys(network.decoder_blocks(BLOCKS)))
-    assert decoder_keys and decoder_keys < set(pretrained), "the first l up blocks are in the checkpoint"
-    assert not set(network.module_keys(network.decoder_blocks()[BLOCKS:])) & set(pretrained), "the others are not"
+    network, pretrained = pretrained_decoder_checkpoint(encoder, TINY, BLOCKS)
     before = {k: v.clone() for k, v in network.state_dict().items()}
     assert initialise_encoder(network, str(encoder)) == sorted(pretrained)
     for key, value in network.state_dict().items():
@@ -266,7 +262,7 @@ def test_checkpoint_loads_into_finetune_network_with_decoder_blocks(sample_run: 
     with in_repo(repo_root):
         workflow = create_workflow(config_file=FINETUNE, **overrides)
         state = workflow.parser.get_parsed_content("network").state_dict()
-    for key in decoder_keys:
+    for key in network.module_keys(network.decoder_blocks(BLOCKS)):
         assert torch.equal(state[key].cpu(), pretrained[key]), key
 
 

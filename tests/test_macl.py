@@ -20,7 +20,7 @@ from metacontrast.losses import MACLLoss, dense_contrastive, equivariant_regular
 from metacontrast.nets import DEFAULT_CHANNELS, MACLNetwork, PixelProjector, PooledProjectionHead, SegmentationUNet, UNetEncoder, encoder_state_dict
 from metacontrast.workflows import initialise_encoder
 from metacontrast.workflows.grid import parse_method
-from tests.helpers import in_repo, parsed_config
+from tests.helpers import in_repo, parsed_config, pretrained_decoder_checkpoint
 
 PRETRAIN = "bundles/macl/configs/pretrain.json"
 FINETUNE = "bundles/common/configs/finetune.json"
@@ -217,11 +217,7 @@ def test_sample_pretrain_saves_encoder_and_two_decoder_blocks(sample_run: Path) 
 @pytest.mark.slow
 def test_checkpoint_loads_into_finetune_network_with_decoder_blocks(sample_run: Path, repo_root: Path, tmp_path: Path, cache_dir: Path) -> None:
     encoder = sample_run / "encoder.pt"
-    pretrained = torch.load(encoder, map_location="cpu", weights_only=True)["state_dict"]
-    network = SegmentationUNet(in_channels=1, out_channels=3, features=TINY)
-    decoder_keys = set(network.module_keys(network.decoder_blocks(BLOCKS)))
-    assert decoder_keys and decoder_keys < set(pretrained), "the two pre-trained up blocks are in the checkpoint"
-    assert not set(network.module_keys(network.decoder_blocks()[BLOCKS:])) & set(pretrained), "the others are not"
+    network, pretrained = pretrained_decoder_checkpoint(encoder, TINY, BLOCKS)
     overrides = {"method": "macl", "features": TINY, "max_iterations": 1, "pretrained_ckpt": str(encoder),
                  "runs_dir": str(tmp_path / "runs"), "output_dir": str(tmp_path / "out"), "cache_dir": str(cache_dir)}
     with in_repo(repo_root):  # the shared fine-tune workflow's own network, after its initialize step
