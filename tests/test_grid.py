@@ -321,8 +321,8 @@ def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
         parse_method("gcl+fixmatch")
     assert parse_method("gcl+mean_teacher").finetune_overrides == {"semi_supervised": "mean_teacher"}
     assert parse_method("random+mixup").finetune_overrides == {"semi_supervised": "mixup"}
-    assert parse_method("gcl+cross_pseudo@fast_lr").finetune_overrides == {"semi_supervised": "cross_pseudo", "learning_rate": 0.001, "batch_size": 8}
-    assert parse_method("gcl@fast_lr").finetune_overrides == {"learning_rate": 0.001, "batch_size": 8}
+    assert parse_method("gcl+cross_pseudo@improved").finetune_overrides == {"semi_supervised": "cross_pseudo", "learning_rate": 0.001, "batch_size": 8, "max_iterations": 2000}
+    assert parse_method("gcl@improved").finetune_overrides == {"learning_rate": 0.001, "batch_size": 8, "max_iterations": 2000}
     assert parse_method("gcl+mixup").bundle == "gcl"  # the pre-training is GCL's
 
 

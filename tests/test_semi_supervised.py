@@ -238,7 +238,7 @@ def test_modes_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"semi_supervised must be one of \['none', 'mean_teacher', 'mixup', 'cross_pseudo'\]"):
         check_mode("meanteacher")
     with pytest.raises(ConfigError, match="names the semi-supervised add-on 'mixup' but semi_supervised is 'none'"):
-        check_mode("none", "gcl+mixup@fast_lr")
+        check_mode("none", "gcl+mixup@improved")
     assert check_mode("cross_pseudo", "ideal") == "cross_pseudo"
 
 

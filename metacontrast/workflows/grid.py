@@ -9,7 +9,7 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
 * ``gcl+mean_teacher`` -- GCL's encoder fine-tuned with a semi-supervised add-on (``mean_teacher``,
   ``mixup``, ``cross_pseudo``; the fine-tune key ``semi_supervised``, see :mod:`metacontrast.semi`);
   the pre-training is shared with ``gcl``, the runs are tagged and filed under the full name;
-* ``gcl@fast_lr`` -- fine-tuning with a named recipe of ``bundles/common/configs/recipes.json``
+* ``gcl@improved`` -- fine-tuning with a named recipe of ``bundles/common/configs/recipes.json``
   (the pre-training is shared with ``gcl``).
 
 Every workflow runs in this process through ``monai.bundle.run`` with the same MLflow store, and a
@@ -61,8 +61,8 @@ class MethodSpec:
 
 
 def parse_method(name: str) -> MethodSpec:
-    """``gcl/naive_sum+mean_teacher@fast_lr`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
-    fine-tuning with the ``fast_lr`` recipe."""
+    """``gcl/naive_sum+mean_teacher@improved`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
+    fine-tuning with the ``improved`` recipe."""
     rest, _, recipe = name.partition("@")
     base, _, semi = rest.partition("+")
     bundle, _, variant = base.partition("/")
