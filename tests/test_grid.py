@@ -326,6 +326,15 @@ def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
     assert parse_method("gcl+mixup").bundle == "gcl"  # the pre-training is GCL's
 
 
+def test_method_names_from_the_command_line() -> None:
+    """fire passes '[random@improved,gcl+mixup]' as one string: it becomes two rows, not one per character."""
+    from metacontrast.workflows.grid import method_names
+
+    assert method_names("[random@improved, gcl+mixup]") == ["random@improved", "gcl+mixup"]
+    assert method_names("['random@improved','gcl']") == ["random@improved", "gcl"]
+    assert method_names(("random", "gcl/naive_sum")) == ["random", "gcl/naive_sum"]
+
+
 def test_bundle_finetune_defaults_are_merged_over_the_common_configs(repo_root: Path) -> None:
     """A bundle with configs/finetune.json (IDEAL: cross pseudo supervision) gets it merged over the common
     fine-tune and evaluate configs; a bundle without one runs the common configs alone."""

@@ -92,6 +92,17 @@ def parse_method(name: str) -> MethodSpec:
     return MethodSpec(name, bundle, dict(row.get("pretrain", {})), {**row.get("finetune", {}), **finetune})
 
 
+def method_names(methods: str | Sequence[str]) -> list[str]:
+    """The grid's rows as a list; a string is split on commas (``"[random@improved, gcl@improved]"``).
+
+    The command line hands over a string, not a list, when a name holds a character fire does not parse
+    as a bare word (``@``, ``+``); iterating that string would run a row per character.
+    """
+    if isinstance(methods, str):
+        return [name.strip(" '\"") for name in methods.strip().strip("[]").split(",") if name.strip(" '\"")]
+    return [str(name) for name in methods]
+
+
 class ResultsGrid:
     """Runs and tabulates a grid.  See :func:`run_grid` for the arguments."""
 
@@ -189,6 +200,6 @@ def run_grid(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[str
     """
     if not dataset_dir:
         raise ValueError("dataset_dir is required: the folder the manifest's paths are relative to")
-    grid = ResultsGrid(dataset, dataset_dir, methods, labeled, seeds, preset, runs_dir, results_dir, tracking_uri,
+    grid = ResultsGrid(dataset, dataset_dir, method_names(methods), labeled, seeds, preset, runs_dir, results_dir, tracking_uri,
                        overrides, pretrain_overrides, finetune_overrides)
     return grid.run()
