@@ -123,3 +123,16 @@ def test_paper_comparison_takes_gains_within_each_source():
     gcl_row = next(line for line in text.splitlines() if line.startswith("| gcl | 1 |"))
     # ours 0.450, gain +0.150; paper 0.729, gain 0.729 - 0.598 = +0.131
     assert gcl_row.split(" | ")[2:6] == ["0.450", "+0.150", "0.729", "+0.131"]
+
+
+def test_paper_comparison_takes_gains_within_each_recipe():
+    """'gcl@improved' is compared with 'random@improved' (not the paper recipe's random row) and with the paper's 'gcl'."""
+    from metacontrast.workflows.results import format_paper_comparison
+
+    dice = lambda v: {"test_dice_mean": {"mean": v}}
+    agg = {("random", 1): dice(0.15), ("gcl", 1): dice(0.16), ("random@improved", 1): dice(0.30), ("gcl@improved", 1): dice(0.40)}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2:6] for line in format_paper_comparison(agg, "acdc").splitlines()
+            if line.startswith("| ") and " | 1 | " in line}
+    assert rows["gcl@improved"] == ["0.400", "+0.100", "0.729", "+0.131"]
+    assert rows["gcl"] == ["0.160", "+0.010", "0.729", "+0.131"]
+    assert rows["random@improved"] == ["0.300", "–", "0.598", "–"]

@@ -32,7 +32,8 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "collect_evaluate_runs", "format_paper_comparison", "format_table", "plot_dice", "write_results"]
+__all__ = ["aggregate", "collect_evaluate_runs", "format_paper_comparison", "format_table", "plot_dice", "read_evaluate_csv",
+           "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
 #: ``baseline`` names the random-init row of the same source (gains are taken within one source), or None.
@@ -163,10 +164,12 @@ def format_table(
     dataset: str,
     methods: Sequence[str] | None = None,
     labeled: Sequence[int] | None = None,
+    anchors: bool = True,
 ) -> str:
     """Markdown table: rows = methods, column groups Dice | HD95 | ASD over L, then the seed counts.
 
-    Each method cell carries an HTML anchor ``method-<name>`` so a model card can link to its row.
+    Each method cell carries an HTML anchor ``method-<name>`` (unless ``anchors`` is false) so a model
+    card can link to its row.
     """
     methods = _method_order(agg, methods)
     labeled = _labeled_order(agg, labeled)
@@ -182,7 +185,8 @@ def format_table(
         cells = [_cell(e, metric, dec) for _, metric, dec in TABLE_METRICS for e in entries]
         seeds = "/".join(str(e["seeds"]) if e else "0" for e in entries)
         name = method.replace("|", "\\|")
-        lines.append(f'| <a id="method-{method}"></a>{name} | ' + " | ".join(cells) + f" | {seeds} |")
+        anchor = f'<a id="method-{method}"></a>' if anchors else ""
+        lines.append(f"| {anchor}{name} | " + " | ".join(cells) + f" | {seeds} |")
     lines += [
         "",
         f"Dice: 3D Dice per foreground class averaged over classes, per test volume, then over volumes; "
@@ -237,6 +241,17 @@ def plot_dice(
     return Path(path)
 
 
+def read_evaluate_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of an ``evaluate_runs.csv`` written by :func:`write_results`, typed as :func:`aggregate` expects."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["num_labeled"], row["seed"], row["used"] = int(row["num_labeled"]), int(row["seed"]), row["used"] == "True"
+        for _, metric, _ in TABLE_METRICS:
+            row[metric] = _number(row[metric])
+    return rows
+
+
 def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     with atomic_write(path, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
@@ -245,22 +260,31 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 
 def format_paper_comparison(agg: Mapping[tuple[str, int], Mapping[str, Any]], dataset: str, baseline: str = "random") -> str:
-    """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L."""
+    """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L.
+
+    A row fine-tuned with a named recipe (``gcl@improved``) is compared with random init under the same
+    recipe (``random@improved``) and with the paper's row of its method (``gcl``).
+    """
     papers = PAPER_DICE.get(dataset, {})
     lines = [
         f"### {dataset}: our gains over random init beside the papers' (test Dice, mean over seeds)",
         "",
-        "| Method | L | ours | ours - random | paper | paper - its random | source |",
+        "| Method | L | ours | ours - random (same recipe) | paper | paper - its random | source |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for method, num_labeled in sorted(agg, key=lambda k: (k[0] != baseline, k[0], k[1])):
+    def same_recipe_baseline(method: str) -> str:  # 'gcl@improved' is compared with 'random@improved'
+        recipe = method.partition("@")[2]
+        return f"{baseline}@{recipe}" if recipe else baseline
+
+    is_baseline = lambda method: method == same_recipe_baseline(method)
+    for method, num_labeled in sorted(agg, key=lambda k: (k[0].partition("@")[2], not is_baseline(k[0]), k[0], k[1])):
         ours = agg[(method, num_labeled)]["test_dice_mean"]["mean"]
-        ours_base = agg.get((baseline, num_labeled), {}).get("test_dice_mean", {}).get("mean", float("nan"))
-        source, paper_base, values = papers.get(method, ("", None, {}))
+        ours_base = agg.get((same_recipe_baseline(method), num_labeled), {}).get("test_dice_mean", {}).get("mean", float("nan"))
+        source, paper_base, values = papers.get(method.partition("@")[0], ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
         cells = [f"{v:+.3f}" if signed and not math.isnan(v) else (f"{v:.3f}" if not math.isnan(v) else MISSING)
-                 for v, signed in ((ours, False), (ours - ours_base if method != baseline else float("nan"), True),
+                 for v, signed in ((ours, False), (ours - ours_base if not is_baseline(method) else float("nan"), True),
                                    (paper, False), (paper_gain, True))]
         lines.append(f"| {method} | {num_labeled} | {' | '.join(cells)} | {source or MISSING} |")
     lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; papers: the published tables named in the "

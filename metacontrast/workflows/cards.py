@@ -1,0 +1,78 @@
+"""The results section of each model card, written from the committed results (never typed by hand).
+
+A card (``bundles/<bundle>/docs/README.md``) marks its results block::
+
+    <!-- results:begin -->
+    ... replaced on every run ...
+    <!-- results:end -->
+
+:func:`write_card_results` replaces the block with one table per dataset that has runs of the bundle:
+its rows (``gcl``, ``gcl/naive_sum``, ``gcl+mean_teacher``, and each of them under a fine-tune recipe,
+``gcl@improved``) beside random init under the same recipes, mean ± std over seeds, made by
+:func:`metacontrast.workflows.results.format_table` from ``results/<dataset>/evaluate_runs.csv`` (which
+holds each run's MLflow id and config hash).  Text outside the markers is left as it is, and the same
+results give the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from metacontrast.io import atomic_write
+from metacontrast.workflows.results import aggregate, format_table, read_evaluate_csv
+
+__all__ = ["BEGIN", "END", "bundle_of", "card_rows", "write_card_results"]
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def bundle_of(method: str) -> str:
+    """``gcl/naive_sum+mean_teacher@improved`` -> ``gcl`` (``random`` for random init)."""
+    return method.partition("@")[0].partition("+")[0].partition("/")[0]
+
+
+def card_rows(methods: set[str], bundle: str) -> list[str]:
+    """The bundle's rows and, for every recipe they use, the random-init row of that recipe; paper recipe first."""
+    own = sorted(m for m in methods if bundle_of(m) == bundle)
+    recipes = sorted({m.partition("@")[2] for m in own})
+    rows: list[str] = []
+    for recipe in recipes:
+        suffix = f"@{recipe}" if recipe else ""
+        rows += [m for m in (f"random{suffix}",) if m in methods and m not in own]
+        rows += [m for m in own if m.partition("@")[2] == recipe]
+    return rows
+
+
+def _block(bundle: str, results_dir: Path, card_dir: Path) -> str:
+    parts = [BEGIN, "", "<!-- written by scripts/write_cards.py from results/*/evaluate_runs.csv; do not edit -->", ""]
+    for csv_path in sorted(results_dir.glob("*/evaluate_runs.csv")):
+        rows = read_evaluate_csv(csv_path)
+        methods = card_rows({r["method"] for r in rows}, bundle)
+        if not any(bundle_of(m) == bundle for m in methods):
+            continue
+        table = format_table(aggregate([r for r in rows if r["method"] in methods]), csv_path.parent.name, methods, anchors=False)
+        link = Path(os.path.relpath(csv_path.parent, card_dir)).as_posix()
+        parts += [table.rstrip("\n"), "", f"All rows, the runs behind them and the comparison with the papers: [{link}/]({link}/).", ""]
+    if len(parts) == 4:
+        parts += ["No finished runs of this method in the results yet.", ""]
+    return "\n".join(parts + [END])
+
+
+def write_card_results(card: str | os.PathLike[str], bundle: str, results_dir: str | os.PathLike[str] = "results") -> Path:
+    """Replace the results block of ``card`` with the bundle's rows from ``results_dir/<dataset>/evaluate_runs.csv``.
+
+    Raises:
+        ValueError: the card lacks the markers, or has them out of order or more than once (named in the message).
+    """
+    path = Path(card)
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path}: needs exactly one '{BEGIN}' followed by one '{END}' around its results block")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    updated = head + _block(bundle, Path(results_dir), path.parent) + tail
+    if updated != text:
+        with atomic_write(path) as handle:
+            handle.write(updated)
+    return path

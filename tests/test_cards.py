@@ -1,0 +1,78 @@
+"""Model cards quote the results tables through scripts/write_cards.py (metacontrast/workflows/cards.py)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+
+from metacontrast.workflows.cards import BEGIN, END, card_rows, write_card_results
+from metacontrast.workflows.results import CSV_COLUMNS
+
+CARD = f"# GCL\n\nIntro.\n\n## Results\n\nSee the tables.\n\n{BEGIN}\nstale\n{END}\n\n## Figures\n\nkept\n"
+
+
+def _write_csv(path: Path, dice: dict[tuple[str, int, int], float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for (method, num, seed), value in dice.items():
+            writer.writerow({"run_id": f"{method}{num}{seed}", "run_name": "", "method": method, "dataset": path.parent.name,
+                             "num_labeled": num, "seed": seed, "config_hash": "h", "used": True,
+                             "test_dice_mean": value, "test_hd95_mean": 5.0, "test_asd_mean": 1.0})
+
+
+def _row(text: str, method: str) -> list[str]:
+    return next(line for line in text.splitlines() if line.startswith(f"| {method} |")).strip("| ").split(" | ")
+
+
+def test_card_block_holds_the_bundles_rows_beside_random_init_of_the_same_recipe(tmp_path: Path) -> None:
+    _write_csv(tmp_path / "results" / "acdc" / "evaluate_runs.csv", {
+        ("random", 1, 0): 0.2, ("random", 1, 1): 0.4, ("gcl", 1, 0): 0.5, ("gcl", 1, 1): 0.7,
+        ("random@improved", 1, 0): 0.3, ("gcl@improved", 1, 0): 0.6, ("gcl/naive_sum", 1, 0): 0.1, ("spcl", 1, 0): 0.9,
+    })
+    card = tmp_path / "card.md"
+    card.write_text(CARD)
+    write_card_results(card, "gcl", tmp_path / "results")
+    text = card.read_text()
+    assert text.startswith("# GCL\n\nIntro.\n\n## Results\n\nSee the tables.\n\n" + BEGIN) and text.endswith(END + "\n\n## Figures\n\nkept\n")
+    assert "stale" not in text and "| spcl |" not in text
+    methods = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and " ± " in line]
+    assert methods == ["random", "gcl", "gcl/naive_sum", "random@improved", "gcl@improved"]
+    assert _row(text, "gcl")[1] == "0.600 ± 0.100" and _row(text, "random")[1] == "0.300 ± 0.100"
+    assert _row(text, "gcl@improved")[-1] == "1"
+    before = card.read_bytes()
+    write_card_results(card, "gcl", tmp_path / "results")
+    assert card.read_bytes() == before  # same results, same bytes
+
+
+def test_card_without_markers_is_refused_and_left_alone(tmp_path: Path) -> None:
+    card = tmp_path / "card.md"
+    card.write_text("# MACL\n\n## Results\n")
+    with pytest.raises(ValueError, match=r"card\.md: needs exactly one '<!-- results:begin -->'"):
+        write_card_results(card, "macl", tmp_path)
+    assert card.read_text() == "# MACL\n\n## Results\n"
+
+
+def test_method_without_runs_says_so(tmp_path: Path) -> None:
+    _write_csv(tmp_path / "acdc" / "evaluate_runs.csv", {("random", 1, 0): 0.2})
+    card = tmp_path / "card.md"
+    card.write_text(CARD)
+    write_card_results(card, "macl", tmp_path)
+    assert "No finished runs of this method in the results yet." in card.read_text()
+    assert card_rows({"random", "random@improved", "macl@improved"}, "macl") == ["random@improved", "macl@improved"]
+
+
+def test_committed_cards_match_the_committed_results(repo_root: Path, tmp_path: Path) -> None:
+    """Regenerating every card from results/ changes nothing: run scripts/write_cards.py after the grid."""
+    (tmp_path / "results").symlink_to(repo_root / "results")  # the same relative links as in the repository
+    for card in sorted((repo_root / "bundles").glob("*/docs/README.md")):
+        bundle = card.parent.parent.name
+        copy = tmp_path / "bundles" / bundle / "docs" / "README.md"
+        copy.parent.mkdir(parents=True)
+        shutil.copy(card, copy)
+        write_card_results(copy, bundle, tmp_path / "results")
+        assert copy.read_text() == card.read_text(), f"{card} is out of date: run scripts/write_cards.py"
