@@ -179,8 +179,8 @@ class _PairLosses(torch.autograd.Function):
         u, local_grad = ctx.saved_tensors
         batch, hw, dim = u.shape
         d_logits = (local_grad * grad_losses[:, None, :, None]).reshape(batch * hw, batch * hw)
-        rows = u.reshape(batch * hw, dim)
-        d_u = (d_logits @ rows + d_logits.T @ rows) / ctx.temperature
+        d_logits += d_logits.T.clone()  # dS + dS^T, then one matmul instead of two
+        d_u = d_logits @ u.reshape(batch * hw, dim) / ctx.temperature
         return d_u.view(batch, hw, dim), None, None, None
 
 
