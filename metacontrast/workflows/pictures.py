@@ -574,7 +574,9 @@ def draw_pictures(
     found = store.methods()
     if not found:
         raise LookupError(f"no FINISHED run of dataset {dataset!r} in {uri}")
-    methods = list(found if methods is None else ([methods] if isinstance(methods, str) else methods))
+    from .grid import method_names
+
+    methods = list(found if methods is None else method_names(methods))
     absent = [m for m in methods if m not in found]
     if len(absent) == len(methods):
         raise LookupError(f"no FINISHED run of methods {absent} on {dataset!r} in {uri}; it has runs of {found}")
@@ -582,11 +584,14 @@ def draw_pictures(
     drawer.pictures.missing += [f"method {m!r}: no FINISHED run of dataset {dataset!r} in {uri}" for m in absent]
     try:
         drawer.attempt("dice_vs_L", drawer.dice_vs_l, [m for m in methods if m not in absent])
+        # 'gcl+mean_teacher' and 'gcl@improved' fine-tune GCL's encoder: its pre-training pictures are drawn once
+        pretrainings = dict.fromkeys(m.partition("@")[0].partition("+")[0] for m in methods if m not in absent)
+        for base in (b for b in pretrainings if b != "random"):  # random init has no pre-training
+            name = base.replace("/", "-")
+            drawer.attempt(f"curves_pretrain_{name}", drawer.pretrain_curves, base)
+            drawer.attempt(f"tsne_{name}", drawer.tsne, base, tsne_split, tsne_volumes)
         for method in (m for m in methods if m not in absent):
             name = method.replace("/", "-")
-            if method != "random":  # random init has no pre-training
-                drawer.attempt(f"curves_pretrain_{name}", drawer.pretrain_curves, method)
-                drawer.attempt(f"tsne_{name}", drawer.tsne, method, tsne_split, tsne_volumes)
             drawer.attempt(f"curves_finetune_{name}", drawer.finetune_curves, method)
             drawer.attempt(f"overlays_{name}", drawer.overlays, method, overlay_labeled, overlay_seed, overlay_slices)
     finally:

@@ -269,8 +269,8 @@ def format_paper_comparison(agg: Mapping[tuple[str, int], Mapping[str, Any]], da
     lines = [
         f"### {dataset}: our gains over random init beside the papers' (test Dice, mean over seeds)",
         "",
-        "| Method | L | ours | ours - random (same recipe) | paper | paper - its random | source |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| Method | L | ours | ours - random (same recipe) | paper | paper - its random | source | ours: std over seeds (n) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     def same_recipe_baseline(method: str) -> str:  # 'gcl@improved' is compared with 'random@improved'
         recipe = method.partition("@")[2]
@@ -286,9 +286,12 @@ def format_paper_comparison(agg: Mapping[tuple[str, int], Mapping[str, Any]], da
         cells = [f"{v:+.3f}" if signed and not math.isnan(v) else (f"{v:.3f}" if not math.isnan(v) else MISSING)
                  for v, signed in ((ours, False), (ours - ours_base if not is_baseline(method) else float("nan"), True),
                                    (paper, False), (paper_gain, True))]
-        lines.append(f"| {method} | {num_labeled} | {' | '.join(cells)} | {source or MISSING} |")
+        stats = agg[(method, num_labeled)]["test_dice_mean"]
+        spread = f"{stats['std']:.3f} ({stats['n']})" if "std" in stats else MISSING
+        lines.append(f"| {method} | {num_labeled} | {' | '.join(cells)} | {source or MISSING} | {spread} |")
     lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; papers: the published tables named in the "
-              "source column (their own scale and splits). Made by `metacontrast.workflows.results.write_results`.", ""]
+              "source column (their own scale and splits). A gain smaller than the std over seeds of the two rows it "
+              "compares is not evidence either way. Made by `metacontrast.workflows.results.write_results`.", ""]
     return "\n".join(lines)
 
 
