@@ -10,7 +10,10 @@ with the preset merged over it, parsed by MONAI's ``ConfigParser``, on the given
 in its own process (so its peak resident memory is its own) for ``warmup + steps`` iterations; the
 iterations after the warm-up are timed with ignite events, data loading and augmentation included.
 ``slices_per_s`` counts the slices drawn per step (``batch_size``); pre-training feeds each through the
-encoder in two views (MACL: two branches).
+encoder in two views (MACL: two branches).  ``projected_training_s`` is the workflow's own number of
+iterations (the preset's, or the recipe's) times the measured step, set against the issue's CPU-scale
+targets (pre-training under 10 minutes, GLCL's two stages together; fine-tune + evaluation under 45 s, of
+which this projects the fine-tune alone); data caching, validation and checkpoints are not in it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import fire  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "bundles" / "common" / "configs"
-IMPROVED = {k: v for k, v in json.loads((COMMON / "recipes.json").read_text())["improved"].items() if k != "max_iterations"}
+IMPROVED = json.loads((COMMON / "recipes.json").read_text())["improved"]
 #: name -> (config files, the trainer timed, overrides)
 WORKFLOWS = {
     **{b: ([f"bundles/{b}/configs/pretrain.json"], "trainer", {}) for b in ("simclr", "spcl", "gcl", "macl", "ideal")},
@@ -39,6 +42,9 @@ WORKFLOWS = {
     "glcl_local": (["bundles/glcl/configs/pretrain.json"], "trainer", {}),
     "finetune": (["bundles/common/configs/finetune.json"], "trainer", {}),
     "finetune@improved": (["bundles/common/configs/finetune.json"], "trainer", IMPROVED),
+}
+#: the issue's CPU-scale targets for one training run (seconds); the fine-tune's also covers its evaluation
+TARGET_S = {"finetune": 45.0, "finetune@improved": 45.0, **{b: 600.0 for b in ("simclr", "spcl", "gcl", "glcl", "macl", "ideal")}
 }
 
 
@@ -53,9 +59,10 @@ def one(name: str, dataset: str, dataset_dir: str, preset: str | None, steps: in
     out = tempfile.mkdtemp(prefix=f"bench-{name}-")
     parser = ConfigParser()
     parser.read_config(files)
-    parser.update({"dataset": dataset, "dataset_dir": dataset_dir, "runs_dir": out, "output_dir": out,
+    planned = int(overrides.get("max_iterations") or parser.get_parsed_content("max_iterations"))  # the workflow's own length
+    parser.update({**overrides, "dataset": dataset, "dataset_dir": dataset_dir, "runs_dir": out, "output_dir": out,
                    "tracking_uri": f"sqlite:///{out}/mlruns.db", "max_iterations": warmup + steps, "num_threads": threads,
-                   "method": "random" if name.startswith("finetune") else name.split("_")[0], **overrides})
+                   "method": "random" if name.startswith("finetune") else name.split("_")[0]})
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content(trainer_id)
     stamps: list[float] = []
@@ -66,7 +73,8 @@ def one(name: str, dataset: str, dataset_dir: str, preset: str | None, steps: in
     timed = [end - start for start, end in zip(stamps[0::2][warmup:], stamps[1::2][warmup:])]
     batch = int(parser.get_parsed_content("batch_size"))
     step = sum(timed) / len(timed)
-    result = {"step_s": step, "slices_per_step": batch, "slices_per_s": batch / step, "iterations_timed": len(timed)}
+    result = {"step_s": step, "slices_per_step": batch, "slices_per_s": batch / step, "iterations_timed": len(timed),
+              "planned_iterations": planned, "projected_training_s": planned * step if planned else None}
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["threads"] = torch.get_num_threads()
     print("BENCH " + json.dumps(result), flush=True)
@@ -88,8 +96,18 @@ def main(dataset: str = "sample", dataset_dir: str = "sample_data/hippocampus", 
             raise RuntimeError(f"{name}: the benchmark process failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         results["workflows"][name] = json.loads(line[len("BENCH "):])
         r = results["workflows"][name]
-        print(f"{name:12s} {r['step_s'] * 1000:9.1f} ms/step  {r['slices_per_s']:7.1f} slices/s  "
-              f"({r['slices_per_step']} slices/step, {r['threads']} threads)  peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+        projected = r["projected_training_s"]
+        if projected is not None and preset and name in TARGET_S:
+            r["target_s"] = TARGET_S[name]
+            r["target_met"] = projected < TARGET_S[name]
+        verdict = f"x {r['planned_iterations']} it = {projected:.0f} s" + (
+            f" (target {r['target_s']:.0f} s: {'met' if r['target_met'] else 'NOT met'})" if "target_s" in r else "") if projected else ""
+        print(f"{name:18s} {r['step_s'] * 1000:8.1f} ms/step  {r['slices_per_s']:6.1f} slices/s  ({r['slices_per_step']} slices/step, "
+              f"{r['threads']} threads)  peak RSS {r['peak_rss_mib']:.0f} MiB  {verdict}", flush=True)
+    stages = [results["workflows"].get(f"glcl_{stage}", {}).get("projected_training_s") for stage in ("global", "local")]
+    if preset and all(stages):  # GLCL's target covers both stages
+        results["glcl_both_stages"] = {"projected_training_s": sum(stages), "target_s": TARGET_S["glcl"], "target_met": sum(stages) < TARGET_S["glcl"]}
+        print(f"glcl (both stages) {sum(stages):.0f} s (target {TARGET_S['glcl']:.0f} s: {'met' if sum(stages) < TARGET_S['glcl'] else 'NOT met'})")
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(results, indent=2) + "\n")
