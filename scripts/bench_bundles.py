@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
+from metacontrast.workflows.grid import method_names  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "bundles" / "common" / "configs"
 IMPROVED = json.loads((COMMON / "recipes.json").read_text())["improved"]
@@ -88,8 +90,7 @@ def main(dataset: str = "sample", dataset_dir: str = "sample_data/hippocampus", 
          workflows: tuple[str, ...] | str = tuple(WORKFLOWS), steps: int = 3, warmup: int = 1, threads: int = 2,
          output: str = "") -> None:
     """Time each workflow in a subprocess; print a table and optionally save JSON."""
-    if isinstance(workflows, str):
-        workflows = tuple(w.strip() for w in workflows.strip("[]").split(",") if w.strip())
+    workflows = method_names(workflows)  # fire hands '[finetune@improved,gcl]' over as one string
     results = {"cpu": platform.processor() or platform.machine(), "dataset": dataset, "preset": preset, "steps": steps,
                "warmup": warmup, "load_average_at_start": os.getloadavg()[0], "workflows": {}}
     for name in workflows:
