@@ -54,6 +54,15 @@ class MethodSpec:
     def pretrain_config(self) -> Path:
         return REPO_ROOT / "bundles" / str(self.bundle) / "configs" / "pretrain.json"
 
+    @property
+    def pretraining(self) -> str | None:
+        """The name the row's pre-training runs and is tagged under (``None``: random init): ``gcl`` for
+        ``gcl+mean_teacher@improved`` and for a fine-tune-only variant, ``gcl/naive_sum`` for a pre-training ablation."""
+        if self.bundle is None:
+            return None
+        base = self.name.split("@")[0].split("+")[0]
+        return self.bundle if not self.pretrain_overrides and "/" in base else base
+
     def workflow_configs(self, workflow: str) -> list[str]:
         """``bundles/common/configs/<workflow>.json``, then the bundle's own ``finetune.json`` defaults if it has one."""
         own = REPO_ROOT / "bundles" / str(self.bundle) / "configs" / "finetune.json"
@@ -143,11 +152,9 @@ class ResultsGrid:
 
     def pretrain(self, spec: MethodSpec) -> str:
         """Run (or reuse) the method's pre-training; returns the encoder checkpoint ('' for random init)."""
-        if spec.bundle is None:
+        base = spec.pretraining
+        if base is None:
             return ""
-        base = spec.name.split("@")[0].split("+")[0]
-        if not spec.pretrain_overrides and "/" in base:  # a fine-tune-only variant reuses the bundle's pre-training
-            base = spec.bundle
         out = self.runs_dir / self.dataset / base / "pretrain"
         encoder = out / "encoder.pt"
         if encoder.is_file() and self._done("pretrain", base):

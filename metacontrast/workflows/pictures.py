@@ -574,7 +574,7 @@ def draw_pictures(
     found = store.methods()
     if not found:
         raise LookupError(f"no FINISHED run of dataset {dataset!r} in {uri}")
-    from .grid import method_names
+    from .grid import method_names, parse_method
 
     methods = list(found if methods is None else method_names(methods))
     absent = [m for m in methods if m not in found]
@@ -585,8 +585,8 @@ def draw_pictures(
     try:
         drawer.attempt("dice_vs_L", drawer.dice_vs_l, [m for m in methods if m not in absent])
         # 'gcl+mean_teacher' and 'gcl@improved' fine-tune GCL's encoder: its pre-training pictures are drawn once
-        pretrainings = dict.fromkeys(m.partition("@")[0].partition("+")[0] for m in methods if m not in absent)
-        for base in (b for b in pretrainings if b != "random"):  # random init has no pre-training
+        pretrainings = dict.fromkeys(parse_method(m).pretraining for m in methods if m not in absent)
+        for base in (b for b in pretrainings if b is not None):  # random init has no pre-training
             name = base.replace("/", "-")
             drawer.attempt(f"curves_pretrain_{name}", drawer.pretrain_curves, base)
             drawer.attempt(f"tsne_{name}", drawer.tsne, base, tsne_split, tsne_volumes)
