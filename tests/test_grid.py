@@ -137,7 +137,8 @@ def test_grid_writes_csv_table_and_plot(grid: dict[str, Any]) -> None:
     paths = grid["paths"]
     out = Path(grid["root"]) / "results" / "sample"
     assert paths == {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
-                     "comparison": out / "paper_comparison.md", "runs": out / "runs.json"}
+                     "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md",
+                     "runs": out / "runs.json"}
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths.values())
     png = paths["plot"].read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000

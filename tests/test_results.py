@@ -115,24 +115,57 @@ def test_no_runs_is_an_error(store: Path, tmp_path: Path) -> None:
         write_results("", "prostate", tmp_path, output_dir=store)
 
 
+def _rows(dice: dict[tuple[str, int, int], float]) -> list[dict]:
+    return [{"method": m, "num_labeled": n, "seed": seed, "used": True, "test_dice_mean": v, "test_hd95_mean": NAN,
+             "test_asd_mean": NAN} for (m, n, seed), v in dice.items()]
+
+
+def _comparison_rows(text: str, num_labeled: int) -> dict[str, list[str]]:
+    return {line.split(" | ")[0][2:]: line.split(" | ")[2:6] for line in text.splitlines()
+            if line.startswith("| ") and f" | {num_labeled} | " in line}
+
+
 def test_paper_comparison_takes_gains_within_each_source():
     from metacontrast.workflows.results import format_paper_comparison
 
-    agg = {("random", 1): {"test_dice_mean": {"mean": 0.30}}, ("gcl", 1): {"test_dice_mean": {"mean": 0.45}}}
-    text = format_paper_comparison(agg, "acdc")
-    gcl_row = next(line for line in text.splitlines() if line.startswith("| gcl | 1 |"))
-    # ours 0.450, gain +0.150; paper 0.729, gain 0.729 - 0.598 = +0.131
-    assert gcl_row.split(" | ")[2:6] == ["0.450", "+0.150", "0.729", "+0.131"]
+    rows = _rows({("random", 1, 0): 0.30, ("random", 1, 1): 0.40, ("gcl", 1, 0): 0.45, ("gcl", 1, 1): 0.55})
+    gcl = _comparison_rows(format_paper_comparison(rows, "acdc"), 1)["gcl"]
+    # ours 0.500, gain +0.150 at both seeds; paper 0.729, gain 0.729 - 0.598 = +0.131
+    assert gcl == ["0.500 ± 0.050", "+0.150 ± 0.000 (2)", "0.729", "+0.131"]
 
 
 def test_paper_comparison_takes_gains_within_each_recipe():
     """'gcl@improved' is compared with 'random@improved' (not the paper recipe's random row) and with the paper's 'gcl'."""
     from metacontrast.workflows.results import format_paper_comparison
 
-    dice = lambda v: {"test_dice_mean": {"mean": v}}
-    agg = {("random", 1): dice(0.15), ("gcl", 1): dice(0.16), ("random@improved", 1): dice(0.30), ("gcl@improved", 1): dice(0.40)}
-    rows = {line.split(" | ")[0][2:]: line.split(" | ")[2:6] for line in format_paper_comparison(agg, "acdc").splitlines()
-            if line.startswith("| ") and " | 1 | " in line}
-    assert rows["gcl@improved"] == ["0.400", "+0.100", "0.729", "+0.131"]
-    assert rows["gcl"] == ["0.160", "+0.010", "0.729", "+0.131"]
-    assert rows["random@improved"] == ["0.300", "–", "0.598", "–"]
+    rows = _rows({("random", 1, 0): 0.15, ("gcl", 1, 0): 0.16, ("random@improved", 1, 0): 0.30, ("gcl@improved", 1, 0): 0.40})
+    got = _comparison_rows(format_paper_comparison(rows, "acdc"), 1)
+    assert got["gcl@improved"] == ["0.400 ± 0.000", "+0.100 ± 0.000 (1)", "0.729", "+0.131"]
+    assert got["gcl"] == ["0.160 ± 0.000", "+0.010 ± 0.000 (1)", "0.729", "+0.131"]
+    assert got["random@improved"] == ["0.300 ± 0.000", "–", "0.598", "–"]
+
+
+def test_gains_are_paired_by_seed():
+    """The per-seed difference removes the labelled-volume draw: a method 0.02 above random at every seed has
+    gain +0.020 ± 0.000 however far apart the seeds are; a seed only one row has is left out."""
+    from metacontrast.workflows.results import paired_gain
+
+    rows = _rows({("random", 1, 0): 0.20, ("random", 1, 1): 0.60, ("random", 1, 2): 0.40,
+                  ("gcl", 1, 0): 0.22, ("gcl", 1, 1): 0.62, ("gcl", 1, 3): 0.90})
+    gain = paired_gain(rows, "gcl", "random", 1)
+    assert gain["n"] == 2 and gain["mean"] == pytest.approx(0.02) and gain["std"] == pytest.approx(0.0, abs=1e-12)
+    assert paired_gain(rows, "gcl", "random", 2)["n"] == 0
+
+
+def test_ablations_compare_each_variant_with_its_full_method():
+    from metacontrast.workflows.results import format_ablations
+
+    rows = _rows({("gcl@improved", 1, 0): 0.50, ("gcl@improved", 1, 1): 0.40,
+                  ("gcl/no_filter@improved", 1, 0): 0.45, ("gcl/no_filter@improved", 1, 1): 0.33,
+                  ("gcl+mean_teacher@improved", 1, 0): 0.55, ("random@improved", 1, 0): 0.30})
+    text = format_ablations(rows, "acdc")
+    got = {line.split(" | ")[0][2:]: line.split(" | ")[1:6] for line in text.splitlines() if line.startswith("| gcl")}
+    assert set(got) == {"gcl/no_filter@improved", "gcl+mean_teacher@improved"}  # full methods and random are not ablations
+    assert got["gcl/no_filter@improved"] == ["1", "0.390 ± 0.060", "gcl@improved", "-0.060 ± 0.010 (2)",
+                                             "0.635 - 0.652 = -0.017"]
+    assert got["gcl+mean_teacher@improved"][3:] == ["+0.050 ± 0.000 (1)", "0.762 - 0.729 = +0.033"]

@@ -9,7 +9,15 @@
 * ``table.md``: the layout of the GCL paper's Table 1: one row per method, one column per L,
   cells ``mean ± std`` of the per-run test Dice over seeds, with HD95 and ASD (mm) as further
   column groups and the number of seeds per L;
-* ``dice_vs_L.png``: Dice against L per method, error bars = std over seeds.
+* ``dice_vs_L.png``: Dice against L per method, error bars = std over seeds;
+* ``paper_comparison.md``: each method's gain over random init fine-tuned with the same recipe beside the
+  papers' gains;
+* ``ablations.md``: each variant (``gcl/no_filter@improved``) or add-on (``gcl+mean_teacher@improved``)
+  against its full method, beside the paper's matching difference.
+
+Gains are paired by seed: a seed draws the same labelled volumes for every method, so the per-seed
+difference removes the draw's effect, which at L = 1 moves Dice more than any method does; a gain is
+reported as the mean ± std of those per-seed differences over the seeds both rows have.
 
 The std is the population std over seeds (``ddof=0``), as in :mod:`metacontrast.workflows.metrics`.
 Undefined distances (a run whose every prediction was empty has no HD95) are left out of the
@@ -32,8 +40,8 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "collect_evaluate_runs", "format_paper_comparison", "format_table", "plot_dice", "read_evaluate_csv",
-           "write_results"]
+__all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_paper_comparison", "format_table", "paired_gain",
+           "plot_dice", "read_evaluate_csv", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
 #: ``baseline`` names the random-init row of the same source (gains are taken within one source), or None.
@@ -50,6 +58,20 @@ PAPER_DICE: dict[str, dict[str, tuple[str, str | None, dict[int, float]]]] = {
     "hippocampus": {
         "random": ("SPCL supplement", None, {1: 0.609, 2: 0.733, 4: 0.788}),
         "spcl": ("SPCL supplement (SP-Con)", "random", {1: 0.667, 2: 0.769, 4: 0.813}),
+    },
+}
+
+#: Published differences the ablation rows are compared with: {dataset: {row: (source, {L: (with, without)})}}.
+#: The GCL paper has no row "full GCL without GradMitigator"; its Table 3 analogue removes GradMitigator from the
+#: image-level model (no pixel loss in either row), and GradFilter from the base model plus pixel loss.
+PAPER_ABLATIONS: dict[str, dict[str, tuple[str, dict[int, tuple[float, float]]]]] = {
+    "acdc": {
+        "gcl/no_mitigator": ("GCL paper, Table 3: all meta labels summed naively vs with GradMitigator (image-level only)",
+                             {1: (0.681, 0.709), 2: (0.784, 0.804), 8: (0.878, 0.894)}),
+        "gcl/no_filter": ("GCL paper, Table 3: base + PixCL without vs with GradFilter",
+                          {1: (0.635, 0.652), 2: (0.747, 0.775), 8: (0.860, 0.871)}),
+        "gcl+mean_teacher": ("GCL paper, Table 2 vs Table 1: GCL + Mean Teacher vs GCL",
+                             {1: (0.762, 0.729), 2: (0.842, 0.812), 8: (0.913, 0.905)}),
     },
 }
 
@@ -259,39 +281,103 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def format_paper_comparison(agg: Mapping[tuple[str, int], Mapping[str, Any]], dataset: str, baseline: str = "random") -> str:
+def same_recipe_random(method: str, baseline: str = "random") -> str:
+    """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
+    recipe = method.partition("@")[2]
+    return f"{baseline}@{recipe}" if recipe else baseline
+
+
+def full_method(method: str) -> str:
+    """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
+    ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
+    base, _, recipe = method.partition("@")
+    bundle = base.split("+")[0].split("/")[0]
+    return bundle + (f"@{recipe}" if recipe else "")
+
+
+def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, num_labeled: int,
+                metric: str = "test_dice_mean") -> dict[str, float]:
+    """Mean and population std over seeds of ``metric(method) - metric(reference)`` at the same L and seed.
+
+    Only ``used`` rows of seeds both methods have (and a defined metric) count; ``n`` says how many.
+    Returns ``{"mean", "std", "n"}`` (NaN mean and std when ``n`` is 0).
+    """
+    def by_seed(name: str) -> dict[int, float]:
+        return {int(r["seed"]): float(r[metric]) for r in rows
+                if r["method"] == name and int(r["num_labeled"]) == num_labeled and r.get("used", True)
+                and not math.isnan(float(r[metric]))}
+
+    ours, theirs = by_seed(method), by_seed(reference)
+    diffs = np.asarray([ours[seed] - theirs[seed] for seed in sorted(ours.keys() & theirs.keys())])
+    if not diffs.size:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(diffs.mean()), "std": float(diffs.std()), "n": int(diffs.size)}
+
+
+def _signed(value: float) -> str:
+    return MISSING if math.isnan(value) else f"{value:+.3f}"
+
+
+def _gain_cell(gain: Mapping[str, float]) -> str:
+    return MISSING if not gain["n"] else f"{gain['mean']:+.3f} ± {gain['std']:.3f} ({gain['n']})"
+
+
+def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, baseline: str = "random") -> str:
     """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L.
 
     A row fine-tuned with a named recipe (``gcl@improved``) is compared with random init under the same
-    recipe (``random@improved``) and with the paper's row of its method (``gcl``).
+    recipe (``random@improved``), paired by seed (:func:`paired_gain`), and with the paper's row of its
+    method (``gcl``), whose gain is taken over the random-init row of the same paper.
     """
     papers = PAPER_DICE.get(dataset, {})
+    agg = aggregate(rows)
     lines = [
-        f"### {dataset}: our gains over random init beside the papers' (test Dice, mean over seeds)",
+        f"### {dataset}: our gains over random init beside the papers' (test Dice)",
         "",
-        "| Method | L | ours | ours - random (same recipe) | paper | paper - its random | source | ours: std over seeds (n) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| Method | L | ours: mean ± std over seeds | ours - random (same recipe): per-seed mean ± std (n) | paper | paper - its random | source |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    def same_recipe_baseline(method: str) -> str:  # 'gcl@improved' is compared with 'random@improved'
-        recipe = method.partition("@")[2]
-        return f"{baseline}@{recipe}" if recipe else baseline
-
-    is_baseline = lambda method: method == same_recipe_baseline(method)
+    is_baseline = lambda method: method == same_recipe_random(method, baseline)
     for method, num_labeled in sorted(agg, key=lambda k: (k[0].partition("@")[2], not is_baseline(k[0]), k[0], k[1])):
-        ours = agg[(method, num_labeled)]["test_dice_mean"]["mean"]
-        ours_base = agg.get((same_recipe_baseline(method), num_labeled), {}).get("test_dice_mean", {}).get("mean", float("nan"))
+        gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, same_recipe_random(method, baseline), num_labeled)
         source, paper_base, values = papers.get(method.partition("@")[0], ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
-        cells = [f"{v:+.3f}" if signed and not math.isnan(v) else (f"{v:.3f}" if not math.isnan(v) else MISSING)
-                 for v, signed in ((ours, False), (ours - ours_base if not is_baseline(method) else float("nan"), True),
-                                   (paper, False), (paper_gain, True))]
-        stats = agg[(method, num_labeled)]["test_dice_mean"]
-        spread = f"{stats['std']:.3f} ({stats['n']})" if "std" in stats else MISSING
-        lines.append(f"| {method} | {num_labeled} | {' | '.join(cells)} | {source or MISSING} | {spread} |")
-    lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; papers: the published tables named in the "
-              "source column (their own scale and splits). A gain smaller than the std over seeds of the two rows it "
-              "compares is not evidence either way. Made by `metacontrast.workflows.results.write_results`.", ""]
+        paper_cell = MISSING if math.isnan(paper) else f"{paper:.3f}"
+        lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {_gain_cell(gain)} "
+                     f"| {paper_cell} | {_signed(paper_gain)} | {source or MISSING} |")
+    lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; a gain is the mean ± std over seeds of the "
+              "per-seed difference (a seed draws the same labelled volumes for every method), n the seeds both rows "
+              "have; a gain within about one std of zero is not evidence either way. Papers: the published tables named "
+              "in the source column (their own scale and splits). Made by `metacontrast.workflows.results.write_results`.", ""]
+    return "\n".join(lines)
+
+
+def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
+    """Markdown: each variant or add-on row against its full method at the same seeds, beside the paper's
+    matching difference (:data:`PAPER_ABLATIONS`)."""
+    papers = PAPER_ABLATIONS.get(dataset, {})
+    agg = aggregate(rows)
+    lines = [
+        f"### {dataset}: ablations and add-ons against the full method (test Dice)",
+        "",
+        "| Row | L | ours | full method | ours - full: per-seed mean ± std (n) | paper: with - without | source |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0]):
+        reference = full_method(method)
+        gain = paired_gain(rows, method, reference, num_labeled)
+        source, values = papers.get(method.partition("@")[0], ("", {}))
+        paper = values.get(num_labeled)
+        paper_cell = MISSING if paper is None else f"{paper[0]:.3f} - {paper[1]:.3f} = {paper[0] - paper[1]:+.3f}"
+        lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {reference} "
+                     f"| {_gain_cell(gain)} | {paper_cell} | {source or MISSING} |")
+    if len(lines) == 4:
+        lines.append(f"| {MISSING} | | | | | | no ablation or add-on rows in this grid |")
+    lines += ["", "A row named `<bundle>/<variant>` removes one component of the bundle's method "
+              "(`bundles/<bundle>/configs/ablations.json`); `<bundle>+<add-on>` adds a semi-supervised method to its "
+              "fine-tune. Differences are paired by seed as in `paper_comparison.md`. Made by "
+              "`metacontrast.workflows.results.write_results`.", ""]
     return "\n".join(lines)
 
 
@@ -304,12 +390,13 @@ def write_results(
     experiment_name: str | None = None,
     output_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``evaluate_runs.csv``, ``table.md`` and ``dice_vs_L.png`` for ``dataset`` into ``out_dir``.
+    """Write ``evaluate_runs.csv``, ``table.md``, ``dice_vs_L.png``, ``paper_comparison.md``, ``ablations.md``
+    and ``runs.json`` for ``dataset`` into ``out_dir``.
 
     Args:
         tracking_uri: the MLflow store the grid logged to (empty: ``<output_dir>/mlruns.db``).
         dataset: the ``dataset`` tag of the evaluate runs.
-        out_dir: where the three files go (e.g. ``results/<dataset>``).
+        out_dir: where the files go (e.g. ``results/<dataset>``).
         methods: the rows, in order (e.g. ``["random", "gcl", "gcl+mean_teacher"]``); ``None``
             takes every method found, sorted.
         labeled: the L columns (e.g. ``[1, 2, 8]``; an L without runs shows ``–``); ``None``
@@ -318,7 +405,7 @@ def write_results(
         output_dir: the local store's folder, for an empty ``tracking_uri`` or a server outage.
 
     Returns:
-        ``{"csv": path, "table": path, "plot": path}``.
+        ``{"csv", "table", "plot", "comparison", "ablations", "runs"}``: the paths written.
 
     Raises:
         LookupError: no finished evaluate run of ``dataset`` (and ``methods``) in the store.
@@ -329,13 +416,15 @@ def write_results(
     out = Path(out_dir)
     agg = aggregate(rows)
     paths = {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
-             "comparison": out / "paper_comparison.md", "runs": out / "runs.json"}
+             "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md", "runs": out / "runs.json"}
     _write_csv(rows, paths["csv"])
     with atomic_write(paths["table"]) as handle:
         handle.write(format_table(agg, dataset, methods, labeled))
     plot_dice(agg, paths["plot"], dataset, methods, labeled)
     with atomic_write(paths["comparison"]) as handle:
-        handle.write(format_paper_comparison(agg, dataset))
+        handle.write(format_paper_comparison(rows, dataset))
+    with atomic_write(paths["ablations"]) as handle:
+        handle.write(format_ablations(rows, dataset))
     with atomic_write(paths["runs"]) as handle:
         json.dump(run_configs(tracking_uri, dataset, experiment_name, output_dir), handle, indent=1, sort_keys=True)
         handle.write("\n")
