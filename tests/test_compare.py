@@ -1,0 +1,36 @@
+"""Two real MLflow stores compared row by row: best validation Dice from the fine-tune's history, test Dice
+from the evaluate run, differences paired by seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from metacontrast.workflows.compare import compare_stores
+from metacontrast.workflows.tracking import start_run
+
+
+def _store(out_dir: Path, val_histories: dict[int, list[float]], test_dice: dict[int, float]) -> str:
+    for seed, history in val_histories.items():
+        tags = {"workflow": "finetune", "method": "gcl", "dataset": "acdc", "num_labeled": 1, "seed": seed}
+        run = start_run("", "grid", f"finetune-s{seed}", tags, out_dir, config={"seed": seed})
+        for epoch, value in enumerate(history, 1):
+            run.log_metrics({"val_mean_dice": value}, step=epoch)
+        run.end()
+    for seed, value in test_dice.items():
+        tags = {"workflow": "evaluate", "method": "gcl", "dataset": "acdc", "num_labeled": 1, "seed": seed}
+        run = start_run("", "grid", f"evaluate-s{seed}", tags, out_dir, config={"seed": seed})
+        run.log_metrics({"test_dice_mean": value, "test_hd95_mean": 5.0, "test_asd_mean": 1.0}, step=0)
+        run.end()
+    return f"sqlite:///{out_dir / 'mlruns.db'}"
+
+
+def test_compare_stores_pairs_best_validation_and_test_by_seed(tmp_path: Path) -> None:
+    short = _store(tmp_path / "short", {0: [0.2, 0.5, 0.4], 1: [0.6, 0.3]}, {0: 0.40, 1: 0.50})
+    long = _store(tmp_path / "long", {0: [0.3, 0.6], 1: [0.9, 0.2], 2: [0.99]}, {0: 0.45, 1: 0.45})
+    text = compare_stores("acdc", short, long, ["gcl"], ("80", "240"), experiment_name="grid")
+    row = next(line for line in text.splitlines() if line.startswith("| gcl | 1 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][2:]
+    # best val: short 0.5, 0.6; long 0.6, 0.9, 0.99 (seed 2 only in long: not paired); test: seeds 0 and 1
+    assert cells == ["0.550 ± 0.050 (2)", "0.830 ± 0.167 (3)", "+0.200 ± 0.100 (2)",
+                     "0.450 ± 0.050 (2)", "0.450 ± 0.000 (2)", "+0.000 ± 0.050 (2)"]
+    assert "| val Dice 80 | val Dice 240 | 240 - 80 (val, per seed) |" in text
