@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .pictures import RunStore
-from .results import MISSING, collect_evaluate_runs, paired_gain
+from .results import MISSING, collect_evaluate_runs, format_gain, markdown_head, paired_gain
 
 __all__ = ["compare_stores", "validation_rows"]
 
@@ -44,11 +44,6 @@ def _mean_std(rows: Sequence[dict[str, Any]], method: str, num_labeled: int, met
     return MISSING if not values.size else f"{values.mean():.3f} ± {values.std():.3f} ({values.size})"
 
 
-def _gain(rows: Sequence[dict[str, Any]], b: str, a: str, num_labeled: int, metric: str) -> str:
-    gain = paired_gain(rows, b, a, num_labeled, metric)
-    return MISSING if not gain["n"] else f"{gain['mean']:+.3f} ± {gain['std']:.3f} ({gain['n']})"
-
-
 def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[str], labels: tuple[str, str] = ("A", "B"),
                    experiment_name: str | None = None) -> str:
     """Markdown table comparing the rows ``methods`` of two MLflow stores (tracking URIs) of one dataset.
@@ -64,18 +59,15 @@ def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[s
         for row in collect_evaluate_runs(uri, dataset, methods, experiment_name):
             tagged["test_dice_mean"].append({**row, "method": f"{row['method']} [{label}]"})
     a, b = labels
-    lines = [
-        f"### {dataset}: {b} against {a}, same rows and seeds",
-        "",
-        f"| Row | L | val Dice {a} | val Dice {b} | {b} - {a} (val, per seed) | test Dice {a} | test Dice {b} | {b} - {a} (test, per seed) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    lines = markdown_head(f"{dataset}: {b} against {a}, same rows and seeds",
+                          ["Row", "L", f"val Dice {a}", f"val Dice {b}", f"{b} - {a} (val, per seed)",
+                           f"test Dice {a}", f"test Dice {b}", f"{b} - {a} (test, per seed)"])
     keys = sorted({(r["method"].rsplit(" [", 1)[0], r["num_labeled"]) for rows in tagged.values() for r in rows})
     for method, num_labeled in keys:
         cells = []
         for metric, rows in tagged.items():
             cells += [_mean_std(rows, f"{method} [{a}]", num_labeled, metric), _mean_std(rows, f"{method} [{b}]", num_labeled, metric),
-                      _gain(rows, f"{method} [{b}]", f"{method} [{a}]", num_labeled, metric)]
+                      format_gain(paired_gain(rows, f"{method} [{b}]", f"{method} [{a}]", num_labeled, metric))]
         lines.append(f"| {method} | {num_labeled} | " + " | ".join(cells) + " |")
     lines += ["", "Validation Dice: the best `val_mean_dice` of each fine-tune (the value its checkpoint was chosen by); "
               "test Dice: its evaluate run. Mean ± std over seeds (n); differences per seed, as in `paper_comparison.md`. "

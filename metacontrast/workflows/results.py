@@ -196,12 +196,7 @@ def format_table(
     methods = _method_order(agg, methods)
     labeled = _labeled_order(agg, labeled)
     header = ["Method"] + [f"{label} L={num}" for label, _, _ in TABLE_METRICS for num in labeled] + ["Seeds"]
-    lines = [
-        f"### {dataset}: test set, mean ± std over seeds (L = labelled training volumes)",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|",
-    ]
+    lines = markdown_head(f"{dataset}: test set, mean ± std over seeds (L = labelled training volumes)", header)
     for method in methods:
         entries = [agg.get((method, num)) for num in labeled]
         cells = [_cell(e, metric, dec) for _, metric, dec in TABLE_METRICS for e in entries]
@@ -314,11 +309,19 @@ def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, 
     return {"mean": float(diffs.mean()), "std": float(diffs.std()), "n": int(diffs.size)}
 
 
+def markdown_head(title: str, columns: Sequence[str], left_aligned: int = 1) -> list[str]:
+    """A Markdown table's first lines: ``### title``, a blank line, the header, its rule (the first
+    ``left_aligned`` columns left-aligned, the rest right-aligned)."""
+    rule = [" --- "] * left_aligned + [" ---: "] * (len(columns) - left_aligned)
+    return [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "|".join(rule) + "|"]
+
+
 def _signed(value: float) -> str:
     return MISSING if math.isnan(value) else f"{value:+.3f}"
 
 
-def _gain_cell(gain: Mapping[str, float]) -> str:
+def format_gain(gain: Mapping[str, float]) -> str:
+    """A :func:`paired_gain` as ``+0.020 ± 0.031 (3)`` (``–`` without a common seed)."""
     return MISSING if not gain["n"] else f"{gain['mean']:+.3f} ± {gain['std']:.3f} ({gain['n']})"
 
 
@@ -331,12 +334,9 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
     """
     papers = PAPER_DICE.get(dataset, {})
     agg = aggregate(rows)
-    lines = [
-        f"### {dataset}: our gains over random init beside the papers' (test Dice)",
-        "",
-        "| Method | L | ours: mean ± std over seeds | ours - random (same recipe): per-seed mean ± std (n) | paper | paper - its random | source |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    lines = markdown_head(f"{dataset}: our gains over random init beside the papers' (test Dice)",
+                          ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe): per-seed mean ± std (n)",
+                           "paper", "paper - its random", "source"])
     is_baseline = lambda method: method == same_recipe_random(method, baseline)
     for method, num_labeled in sorted(agg, key=lambda k: (k[0].partition("@")[2], not is_baseline(k[0]), k[0], k[1])):
         gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, same_recipe_random(method, baseline), num_labeled)
@@ -344,7 +344,7 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
         paper_cell = MISSING if math.isnan(paper) else f"{paper:.3f}"
-        lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {_gain_cell(gain)} "
+        lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {format_gain(gain)} "
                      f"| {paper_cell} | {_signed(paper_gain)} | {source or MISSING} |")
     lines += ["", "Ours: from the MLflow evaluate runs in `evaluate_runs.csv`; a gain is the mean ± std over seeds of the "
               "per-seed difference (a seed draws the same labelled volumes for every method), n the seeds both rows "
@@ -358,12 +358,9 @@ def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     matching difference (:data:`PAPER_ABLATIONS`)."""
     papers = PAPER_ABLATIONS.get(dataset, {})
     agg = aggregate(rows)
-    lines = [
-        f"### {dataset}: ablations and add-ons against the full method (test Dice)",
-        "",
-        "| Row | L | ours | full method | ours - full: per-seed mean ± std (n) | paper: with - without | source |",
-        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
-    ]
+    lines = markdown_head(f"{dataset}: ablations and add-ons against the full method (test Dice)",
+                          ["Row", "L", "ours", "full method", "ours - full: per-seed mean ± std (n)",
+                           "paper: its analogue - full", "source"])
     for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0]):
         reference = full_method(method)
         gain = paired_gain(rows, method, reference, num_labeled)
@@ -371,7 +368,7 @@ def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
         paper = values.get(num_labeled)
         paper_cell = MISSING if paper is None else f"{paper[0]:.3f} - {paper[1]:.3f} = {paper[0] - paper[1]:+.3f}"
         lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {reference} "
-                     f"| {_gain_cell(gain)} | {paper_cell} | {source or MISSING} |")
+                     f"| {format_gain(gain)} | {paper_cell} | {source or MISSING} |")
     if len(lines) == 4:
         lines.append(f"| {MISSING} | | | | | | no ablation or add-on rows in this grid |")
     lines += ["", "A row named `<bundle>/<variant>` removes one component of the bundle's method "
