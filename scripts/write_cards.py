@@ -1,4 +1,5 @@
-"""Write the results block of every model card (bundles/<bundle>/docs/README.md) from results/*/evaluate_runs.csv.
+"""Write the results block of every model card (bundles/<bundle>/docs/README.md) and of results/README.md
+from results/*/evaluate_runs.csv.
 
     python scripts/write_cards.py                      # after scripts/run_grid.py has written results/
 
@@ -13,13 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.cards import write_card_results  # noqa: E402
+from metacontrast.workflows.cards import write_card_results, write_summary  # noqa: E402
 
 
 def main(results_dir: str = "results", bundles_dir: str = "bundles") -> None:
     for card in sorted(Path(bundles_dir).glob("*/docs/README.md")):
         if card.parent.parent.name != "common":
             print(write_card_results(card, card.parent.parent.name, results_dir))
+    print(write_summary(Path(results_dir) / "README.md", results_dir))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,29 @@ def test_committed_cards_match_the_committed_results(repo_root: Path, tmp_path: 
         shutil.copy(card, copy)
         write_card_results(copy, bundle, tmp_path / "results")
         assert copy.read_text() == card.read_text(), f"{card} is out of date: run scripts/write_cards.py"
+
+
+def test_summary_block_gives_gains_over_random_and_over_the_full_method(tmp_path: Path) -> None:
+    from metacontrast.workflows.cards import write_summary
+
+    _write_csv(tmp_path / "acdc" / "evaluate_runs.csv", {
+        ("random@improved", 1, 0): 0.2, ("random@improved", 1, 1): 0.4, ("gcl@improved", 1, 0): 0.3, ("gcl@improved", 1, 1): 0.6,
+        ("gcl/no_filter@improved", 1, 0): 0.25, ("gcl/no_filter@improved", 1, 1): 0.5,
+    })
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Results\n\n{BEGIN}\nstale\n{END}\n\nreading\n")
+    write_summary(readme, tmp_path)
+    text = readme.read_text()
+    assert text.endswith(f"{END}\n\nreading\n") and "stale" not in text
+    assert _row(text, "random@improved")[1:] == ["(test Dice)", "0.300 ± 0.100"]
+    assert _row(text, "gcl@improved")[1:] == ["random@improved", "+0.150 ± 0.050 (2)"]
+    assert _row(text, "gcl/no_filter@improved")[1:] == ["gcl@improved", "-0.075 ± 0.025 (2)"]
+
+
+def test_committed_results_readme_matches_the_committed_results(repo_root: Path, tmp_path: Path) -> None:
+    from metacontrast.workflows.cards import write_summary
+
+    copy = tmp_path / "README.md"
+    shutil.copy(repo_root / "results" / "README.md", copy)
+    write_summary(copy, repo_root / "results")
+    assert copy.read_text() == (repo_root / "results" / "README.md").read_text(), "run scripts/write_cards.py"

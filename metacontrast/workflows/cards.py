@@ -10,8 +10,10 @@ A card (``bundles/<bundle>/docs/README.md``) marks its results block::
 its rows (``gcl``, ``gcl/naive_sum``, ``gcl+mean_teacher``, and each of them under a fine-tune recipe,
 ``gcl@improved``) beside random init under the same recipes, mean ± std over seeds, made by
 :func:`metacontrast.workflows.results.format_table` from ``results/<dataset>/evaluate_runs.csv`` (which
-holds each run's MLflow id and config hash).  Text outside the markers is left as it is, and the same
-results give the same bytes.
+holds each run's MLflow id and config hash).  :func:`write_summary` fills the same block in
+``results/README.md`` with every dataset's gains (:func:`metacontrast.workflows.results.format_gains`), so its
+reading can quote numbers none of which is typed by hand.  Text outside the markers is left as it is, and the
+same results give the same bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import os
 from pathlib import Path
 
 from metacontrast.io import atomic_write
-from metacontrast.workflows.results import aggregate, format_table, read_evaluate_csv
+from metacontrast.workflows.results import aggregate, format_gains, format_table, read_evaluate_csv
 
-__all__ = ["BEGIN", "END", "bundle_of", "card_rows", "write_card_results"]
+__all__ = ["BEGIN", "END", "bundle_of", "card_rows", "replace_block", "write_card_results", "write_summary"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -59,20 +61,32 @@ def _block(bundle: str, results_dir: Path, card_dir: Path) -> str:
     return "\n".join(parts + [END])
 
 
-def write_card_results(card: str | os.PathLike[str], bundle: str, results_dir: str | os.PathLike[str] = "results") -> Path:
-    """Replace the results block of ``card`` with the bundle's rows from ``results_dir/<dataset>/evaluate_runs.csv``.
+def replace_block(path: str | os.PathLike[str], block: str) -> Path:
+    """Replace the text from ``BEGIN`` to ``END`` in ``path`` with ``block`` (which holds both markers).
 
     Raises:
-        ValueError: the card lacks the markers, or has them out of order or more than once (named in the message).
+        ValueError: the file lacks the markers, or has them out of order or more than once (named in the message).
     """
-    path = Path(card)
+    path = Path(path)
     text = path.read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         raise ValueError(f"{path}: needs exactly one '{BEGIN}' followed by one '{END}' around its results block")
     head, rest = text.split(BEGIN)
-    tail = rest.split(END)[1]
-    updated = head + _block(bundle, Path(results_dir), path.parent) + tail
+    updated = head + block + rest.split(END)[1]
     if updated != text:
         with atomic_write(path) as handle:
             handle.write(updated)
     return path
+
+
+def write_card_results(card: str | os.PathLike[str], bundle: str, results_dir: str | os.PathLike[str] = "results") -> Path:
+    """Replace the results block of ``card`` with the bundle's rows from ``results_dir/<dataset>/evaluate_runs.csv``."""
+    return replace_block(card, _block(bundle, Path(results_dir), Path(card).parent))
+
+
+def write_summary(readme: str | os.PathLike[str], results_dir: str | os.PathLike[str] = "results") -> Path:
+    """Replace the results block of ``readme`` (``results/README.md``) with every dataset's gains table."""
+    parts = [BEGIN, "", "<!-- written by scripts/write_cards.py from results/*/evaluate_runs.csv; do not edit -->", ""]
+    for csv_path in sorted(Path(results_dir).glob("*/evaluate_runs.csv")):
+        parts += [format_gains(read_evaluate_csv(csv_path), csv_path.parent.name).rstrip("\n"), ""]
+    return replace_block(readme, "\n".join(parts + [END]))

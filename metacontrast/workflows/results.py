@@ -40,7 +40,7 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_paper_comparison", "format_table", "paired_gain",
+__all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
            "plot_dice", "read_evaluate_csv", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
@@ -350,6 +350,27 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
               "per-seed difference (a seed draws the same labelled volumes for every method), n the seeds both rows "
               "have; a gain within about one std of zero is not evidence either way. Papers: the published tables named "
               "in the source column (their own scale and splits). Made by `metacontrast.workflows.results.write_results`.", ""]
+    return "\n".join(lines)
+
+
+def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Sequence[int] | None = None) -> str:
+    """Markdown summary: random init's test Dice per recipe, then every other row's per-seed gain over random
+    init with the same recipe (ablations and add-ons: over their full method), one column per L."""
+    agg = aggregate(rows)
+    labeled = _labeled_order(agg, labeled)
+    recipe_of = lambda method: method.partition("@")[2]
+    methods = sorted({m for m, _ in agg}, key=lambda m: (recipe_of(m), m != same_recipe_random(m), full_method(m) != m, m))
+    lines = markdown_head(f"{dataset}: random init's test Dice, every other row's gain (per seed, mean ± std (n))",
+                          ["Row", "compared with"] + [f"L={num}" for num in labeled], left_aligned=2)
+    for method in methods:
+        if method == same_recipe_random(method):
+            cells = [_cell(agg.get((method, num)), "test_dice_mean", 3) for num in labeled]
+            lines.append(f"| {method} | (test Dice) | " + " | ".join(cells) + " |")
+            continue
+        reference = full_method(method) if full_method(method) != method else same_recipe_random(method)
+        cells = [format_gain(paired_gain(rows, method, reference, num)) for num in labeled]
+        lines.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
+    lines += ["", f"From `{dataset}/evaluate_runs.csv`; details in `{dataset}/paper_comparison.md` and `{dataset}/ablations.md`.", ""]
     return "\n".join(lines)
 
 
