@@ -22,16 +22,11 @@ import os
 from pathlib import Path
 
 from metacontrast.io import atomic_write
-from metacontrast.workflows.results import aggregate, format_gains, format_table, read_evaluate_csv
+from metacontrast.workflows.results import aggregate, bundle_of, format_gains, format_table, read_evaluate_csv
 
-__all__ = ["BEGIN", "END", "bundle_of", "card_rows", "replace_block", "write_card_results", "write_summary"]
+__all__ = ["BEGIN", "END", "card_rows", "replace_block", "write_card_results", "write_summary"]
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def bundle_of(method: str) -> str:
-    """``gcl/naive_sum+mean_teacher@improved`` -> ``gcl`` (``random`` for random init)."""
-    return method.partition("@")[0].partition("+")[0].partition("/")[0]
 
 
 def card_rows(methods: set[str], bundle: str) -> list[str]:

@@ -40,7 +40,7 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
+__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "full_method", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
            "plot_dice", "read_evaluate_csv", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
@@ -282,12 +282,16 @@ def same_recipe_random(method: str, baseline: str = "random") -> str:
     return f"{baseline}@{recipe}" if recipe else baseline
 
 
+def bundle_of(method: str) -> str:
+    """``gcl/naive_sum+mean_teacher@improved`` -> ``gcl`` (``random`` for random init)."""
+    return method.partition("@")[0].partition("+")[0].partition("/")[0]
+
+
 def full_method(method: str) -> str:
     """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
     ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
-    base, _, recipe = method.partition("@")
-    bundle = base.split("+")[0].split("/")[0]
-    return bundle + (f"@{recipe}" if recipe else "")
+    recipe = method.partition("@")[2]
+    return bundle_of(method) + (f"@{recipe}" if recipe else "")
 
 
 def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, num_labeled: int,
