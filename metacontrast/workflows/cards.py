@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 
 from metacontrast.io import atomic_write
-from metacontrast.workflows.results import aggregate, bundle_of, format_gains, format_table, read_evaluate_csv
+from metacontrast.workflows.results import (aggregate, bundle_of, format_gains, format_table, read_evaluate_csv, recipe_of,
+                                             same_recipe_random)
 
 __all__ = ["BEGIN", "END", "card_rows", "replace_block", "write_card_results", "write_summary"]
 
@@ -32,12 +33,11 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 def card_rows(methods: set[str], bundle: str) -> list[str]:
     """The bundle's rows and, for every recipe they use, the random-init row of that recipe; paper recipe first."""
     own = sorted(m for m in methods if bundle_of(m) == bundle)
-    recipes = sorted({m.partition("@")[2] for m in own})
     rows: list[str] = []
-    for recipe in recipes:
-        suffix = f"@{recipe}" if recipe else ""
-        rows += [m for m in (f"random{suffix}",) if m in methods and m not in own]
-        rows += [m for m in own if m.partition("@")[2] == recipe]
+    for recipe in sorted({recipe_of(m) for m in own}):
+        mine = [m for m in own if recipe_of(m) == recipe]
+        baseline = same_recipe_random(mine[0])
+        rows += ([baseline] if baseline in methods and baseline not in own else []) + mine
     return rows
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "full_method", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
+__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "full_method", "recipe_of", "same_recipe_random", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
            "plot_dice", "read_evaluate_csv", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
@@ -276,9 +276,14 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
+def recipe_of(method: str) -> str:
+    """The fine-tune recipe a row names: ``gcl+mean_teacher@improved`` -> ``improved`` ('' for the paper's)."""
+    return method.partition("@")[2]
+
+
 def same_recipe_random(method: str, baseline: str = "random") -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
-    recipe = method.partition("@")[2]
+    recipe = recipe_of(method)
     return f"{baseline}@{recipe}" if recipe else baseline
 
 
@@ -290,7 +295,7 @@ def bundle_of(method: str) -> str:
 def full_method(method: str) -> str:
     """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
     ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
-    recipe = method.partition("@")[2]
+    recipe = recipe_of(method)
     return bundle_of(method) + (f"@{recipe}" if recipe else "")
 
 
@@ -342,7 +347,7 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
                           ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe): per-seed mean ± std (n)",
                            "paper", "paper - its random", "source"])
     is_baseline = lambda method: method == same_recipe_random(method, baseline)
-    for method, num_labeled in sorted(agg, key=lambda k: (k[0].partition("@")[2], not is_baseline(k[0]), k[0], k[1])):
+    for method, num_labeled in sorted(agg, key=lambda k: (recipe_of(k[0]), not is_baseline(k[0]), k[0], k[1])):
         gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, same_recipe_random(method, baseline), num_labeled)
         source, paper_base, values = papers.get(method.partition("@")[0], ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
@@ -362,7 +367,6 @@ def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Seque
     init with the same recipe (ablations and add-ons: over their full method), one column per L."""
     agg = aggregate(rows)
     labeled = _labeled_order(agg, labeled)
-    recipe_of = lambda method: method.partition("@")[2]
     methods = sorted({m for m, _ in agg}, key=lambda m: (recipe_of(m), m != same_recipe_random(m), full_method(m) != m, m))
     lines = markdown_head(f"{dataset}: random init's test Dice, every other row's gain (per seed, mean ± std (n))",
                           ["Row", "compared with"] + [f"L={num}" for num in labeled], left_aligned=2)
