@@ -40,8 +40,9 @@ import numpy as np
 from metacontrast.io import atomic_write
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "full_method", "recipe_of", "same_recipe_random", "format_ablations", "format_gain", "format_gains", "format_paper_comparison", "format_table", "paired_gain",
-           "plot_dice", "read_evaluate_csv", "write_results"]
+__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains",
+           "format_paper_comparison", "format_table", "full_method", "paired_gain", "plot_dice", "read_evaluate_csv",
+           "recipe_of", "same_recipe_random", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
 #: ``baseline`` names the random-init row of the same source (gains are taken within one source), or None.
