@@ -327,6 +327,22 @@ def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
     assert parse_method("gcl+mixup").bundle == "gcl"  # the pre-training is GCL's
 
 
+def test_row_names_split_once_and_name_their_pre_training() -> None:
+    """One grammar, ``<bundle>[/<variant>][+<add-on>][@<recipe>]``: a pre-training ablation runs under its
+    own name, a fine-tune-only variant and an add-on reuse the bundle's pre-training, random init has none."""
+    from metacontrast.workflows.grid import parse_method
+    from metacontrast.workflows.method_name import MethodName, split_method_name
+
+    parts = split_method_name("gcl/naive_sum+mean_teacher@improved")
+    assert parts == MethodName("gcl", "naive_sum", "mean_teacher", "improved")
+    assert (parts.pretrained_as, parts.without_recipe) == ("gcl/naive_sum", "gcl/naive_sum+mean_teacher")
+    assert split_method_name("random") == MethodName("random", "", "", "")
+    assert parse_method("gcl/no_filter@improved").pretraining == "gcl/no_filter"
+    assert parse_method("gcl/frozen_encoder").pretraining == "gcl"
+    assert parse_method("gcl+mean_teacher@improved").pretraining == "gcl"
+    assert parse_method("random@improved").pretraining is None
+
+
 def test_method_names_from_the_command_line() -> None:
     """fire passes '[random@improved,gcl+mixup]' as one string: it becomes two rows, not one per character."""
     from metacontrast.workflows.grid import method_names

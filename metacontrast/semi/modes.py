@@ -28,6 +28,7 @@ from ..nets.dual_decoder import DualDecoderUNet
 from ..nets.unet import SegmentationUNet
 from ..workflows.data import ConfigError
 from ..workflows.handlers import LossTermLogger
+from ..workflows.method_name import split_method_name
 from .batches import SemiSupervisedPrepareBatch
 from .cross_pseudo import CrossPseudoSupervisionLoss, DualDecoderInferer
 from .mean_teacher import MeanTeacher, MeanTeacherLoss
@@ -48,7 +49,7 @@ def check_mode(semi_supervised: str, method: str = "") -> str:
     """
     if semi_supervised not in MODES:
         raise ConfigError(f"semi_supervised must be one of {list(MODES)}, got {semi_supervised!r}")
-    add_on = method.partition("@")[0].partition("+")[2]
+    add_on = split_method_name(method).add_on
     if add_on and add_on != semi_supervised:
         raise ConfigError(f"method {method!r} names the semi-supervised add-on {add_on!r} but semi_supervised is "
                           f"{semi_supervised!r}; pass --semi_supervised {add_on}")

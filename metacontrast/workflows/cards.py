@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 
 from metacontrast.io import atomic_write
-from metacontrast.workflows.results import (aggregate, bundle_of, format_gains, format_table, read_evaluate_csv, recipe_of,
-                                             same_recipe_random)
+from metacontrast.workflows.method_name import split_method_name
+from metacontrast.workflows.results import aggregate, format_gains, format_table, read_evaluate_csv, same_recipe_random
 
 __all__ = ["BEGIN", "END", "card_rows", "replace_block", "write_card_results", "write_summary"]
 
@@ -32,10 +32,10 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def card_rows(methods: set[str], bundle: str) -> list[str]:
     """The bundle's rows and, for every recipe they use, the random-init row of that recipe; paper recipe first."""
-    own = sorted(m for m in methods if bundle_of(m) == bundle)
+    own = sorted(m for m in methods if split_method_name(m).bundle == bundle)
     rows: list[str] = []
-    for recipe in sorted({recipe_of(m) for m in own}):
-        mine = [m for m in own if recipe_of(m) == recipe]
+    for recipe in sorted({split_method_name(m).recipe for m in own}):
+        mine = [m for m in own if split_method_name(m).recipe == recipe]
         baseline = same_recipe_random(mine[0])
         rows += ([baseline] if baseline in methods and baseline not in own else []) + mine
     return rows
@@ -46,7 +46,7 @@ def _block(bundle: str, results_dir: Path, card_dir: Path) -> str:
     for csv_path in sorted(results_dir.glob("*/evaluate_runs.csv")):
         rows = read_evaluate_csv(csv_path)
         methods = card_rows({r["method"] for r in rows}, bundle)
-        if not any(bundle_of(m) == bundle for m in methods):
+        if not any(split_method_name(m).bundle == bundle for m in methods):
             continue
         table = format_table(aggregate([r for r in rows if r["method"] in methods]), csv_path.parent.name, methods, anchors=False)
         link = Path(os.path.relpath(csv_path.parent, card_dir)).as_posix()

@@ -35,6 +35,7 @@ from monai.bundle import run as run_bundle
 
 from .. import REPO_ROOT
 from ..semi import ADD_ONS
+from .method_name import split_method_name
 from .results import write_results
 from .tracking import completed_runs
 
@@ -60,8 +61,7 @@ class MethodSpec:
         ``gcl+mean_teacher@improved`` and for a fine-tune-only variant, ``gcl/naive_sum`` for a pre-training ablation."""
         if self.bundle is None:
             return None
-        base = self.name.split("@")[0].split("+")[0]
-        return self.bundle if not self.pretrain_overrides and "/" in base else base
+        return self.bundle if not self.pretrain_overrides else split_method_name(self.name).pretrained_as
 
     def workflow_configs(self, workflow: str) -> list[str]:
         """``bundles/common/configs/<workflow>.json``, then the bundle's own ``finetune.json`` defaults if it has one."""
@@ -72,9 +72,7 @@ class MethodSpec:
 def parse_method(name: str) -> MethodSpec:
     """``gcl/naive_sum+mean_teacher@improved`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
     fine-tuning with the ``improved`` recipe."""
-    rest, _, recipe = name.partition("@")
-    base, _, semi = rest.partition("+")
-    bundle, _, variant = base.partition("/")
+    bundle, variant, semi, recipe = split_method_name(name)
     if semi and semi not in ADD_ONS:  # refuse rather than run plain fine-tuning under an unknown add-on's label
         raise ValueError(f"method {name!r}: unknown semi-supervised add-on {semi!r}; known: {', '.join(ADD_ONS)}")
     finetune: dict[str, Any] = {"semi_supervised": semi} if semi else {}

@@ -45,6 +45,7 @@ import torch
 
 from .. import REPO_ROOT
 from ..io import atomic_write
+from .method_name import split_method_name
 
 __all__ = [
     "DPI",
@@ -440,8 +441,8 @@ class _Drawer:
     def pretrain_run(self, method: str) -> Any:
         """The newest FINISHED pre-training of a grid method: ``gcl/naive_sum+x@y`` was pre-trained as
         ``gcl/naive_sum``, or as ``gcl`` when the variant changes only fine-tuning (see ``grid.py``)."""
-        base = method.split("@")[0].split("+")[0]
-        tried = list(dict.fromkeys([base, base.split("/")[0]]))
+        parts = split_method_name(method)
+        tried = list(dict.fromkeys([parts.pretrained_as, parts.bundle]))
         for name in tried:
             runs = self.store.runs("pretrain", method=name)
             if runs:

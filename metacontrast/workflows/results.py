@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 
 from metacontrast.io import atomic_write
+from metacontrast.workflows.method_name import split_method_name
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
-__all__ = ["aggregate", "bundle_of", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains",
+__all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains",
            "format_paper_comparison", "format_table", "full_method", "paired_gain", "plot_dice", "read_evaluate_csv",
-           "recipe_of", "same_recipe_random", "write_results"]
+           "same_recipe_random", "write_results"]
 
 #: Published test Dice the reproduction is compared with: {dataset: {method: (source, baseline, {L: Dice})}}.
 #: ``baseline`` names the random-init row of the same source (gains are taken within one source), or None.
@@ -277,27 +278,17 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(rows)
 
 
-def recipe_of(method: str) -> str:
-    """The fine-tune recipe a row names: ``gcl+mean_teacher@improved`` -> ``improved`` ('' for the paper's)."""
-    return method.partition("@")[2]
-
-
 def same_recipe_random(method: str, baseline: str = "random") -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
-    recipe = recipe_of(method)
+    recipe = split_method_name(method).recipe
     return f"{baseline}@{recipe}" if recipe else baseline
-
-
-def bundle_of(method: str) -> str:
-    """``gcl/naive_sum+mean_teacher@improved`` -> ``gcl`` (``random`` for random init)."""
-    return method.partition("@")[0].partition("+")[0].partition("/")[0]
 
 
 def full_method(method: str) -> str:
     """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
     ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
-    recipe = recipe_of(method)
-    return bundle_of(method) + (f"@{recipe}" if recipe else "")
+    parts = split_method_name(method)
+    return parts.bundle + (f"@{parts.recipe}" if parts.recipe else "")
 
 
 def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, num_labeled: int,
@@ -348,9 +339,9 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
                           ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe): per-seed mean ± std (n)",
                            "paper", "paper - its random", "source"])
     is_baseline = lambda method: method == same_recipe_random(method, baseline)
-    for method, num_labeled in sorted(agg, key=lambda k: (recipe_of(k[0]), not is_baseline(k[0]), k[0], k[1])):
+    for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_baseline(k[0]), k[0], k[1])):
         gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, same_recipe_random(method, baseline), num_labeled)
-        source, paper_base, values = papers.get(method.partition("@")[0], ("", None, {}))
+        source, paper_base, values = papers.get(split_method_name(method).without_recipe, ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
         paper_cell = MISSING if math.isnan(paper) else f"{paper:.3f}"
@@ -368,7 +359,7 @@ def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Seque
     init with the same recipe (ablations and add-ons: over their full method), one column per L."""
     agg = aggregate(rows)
     labeled = _labeled_order(agg, labeled)
-    methods = sorted({m for m, _ in agg}, key=lambda m: (recipe_of(m), m != same_recipe_random(m), full_method(m) != m, m))
+    methods = sorted({m for m, _ in agg}, key=lambda m: (split_method_name(m).recipe, m != same_recipe_random(m), full_method(m) != m, m))
     lines = markdown_head(f"{dataset}: random init's test Dice, every other row's gain (per seed, mean ± std (n))",
                           ["Row", "compared with"] + [f"L={num}" for num in labeled], left_aligned=2)
     for method in methods:
@@ -394,7 +385,7 @@ def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0]):
         reference = full_method(method)
         gain = paired_gain(rows, method, reference, num_labeled)
-        source, values = papers.get(method.partition("@")[0], ("", {}))
+        source, values = papers.get(split_method_name(method).without_recipe, ("", {}))
         paper = values.get(num_labeled)
         paper_cell = MISSING if paper is None else f"{paper[0]:.3f} - {paper[1]:.3f} = {paper[0] - paper[1]:+.3f}"
         lines.append(f"| {method} | {num_labeled} | {_cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {reference} "
