@@ -1,11 +1,12 @@
-"""Two real MLflow stores compared row by row: best validation Dice from the fine-tune's history, test Dice
-from the evaluate run, differences paired by seed."""
+"""Real MLflow stores compared row by row: best validation Dice from the fine-tune's history, test Dice
+from the evaluate run, differences paired by seed; pre-training losses against their chance level."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from metacontrast.workflows.compare import compare_stores
+from metacontrast.workflows.compare import chance_level, compare_pretraining, compare_stores
 from metacontrast.workflows.tracking import start_run
 
 
@@ -34,3 +35,28 @@ def test_compare_stores_pairs_best_validation_and_test_by_seed(tmp_path: Path) -
     assert cells == ["0.550 ± 0.050 (2)", "0.830 ± 0.167 (3)", "+0.200 ± 0.100 (2)",
                      "0.450 ± 0.050 (2)", "0.450 ± 0.000 (2)", "+0.000 ± 0.050 (2)"]
     assert "| val Dice 80 | val Dice 240 | 240 - 80 (val, per seed) |" in text
+
+
+def _pretraining(out_dir: Path, batch_size: int, history: dict[str, list[float]]) -> str:
+    tags = {"workflow": "pretrain", "method": "gcl", "dataset": "acdc"}
+    run = start_run("", "grid", "pretrain", tags, out_dir, config={"batch_size": batch_size})
+    for epoch in range(len(next(iter(history.values())))):
+        run.log_metrics({key: values[epoch] for key, values in history.items()}, step=epoch + 1)
+    run.end()
+    return f"sqlite:///{out_dir / 'mlruns.db'}"
+
+
+def test_compare_pretraining_reads_image_terms_against_chance(tmp_path: Path) -> None:
+    """Only the image-wise terms are reported, each as first / lowest / last epoch and last - log(2N - 1)."""
+    assert chance_level(48) == math.log(95)
+    stuck = _pretraining(tmp_path / "stuck", 48, {"train_img/patient_id": [4.55, 4.50, 4.56], "train_pix/patient_id": [0.5, 0.4, 0.3]})
+    learns = _pretraining(tmp_path / "learns", 8, {"train_loss/views": [2.70, 2.00, 1.50]})
+    text = compare_pretraining("acdc", [("lr 0.1", stuck), ("lr 0.01", learns)], ["gcl", "simclr"],
+                               experiment_name="grid")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| lr ")]
+    assert rows == [
+        ["lr 0.1", "gcl", "train_img/patient_id", "4.550", "4.500", "4.560", f"{math.log(95):.3f}", f"{4.56 - math.log(95):+.3f}"],
+        ["lr 0.1", "simclr", f"(no FINISHED pre-training in {stuck})", "–", "–", "–", "–", "–"],
+        ["lr 0.01", "gcl", "train_loss/views", "2.700", "1.500", "1.500", f"{math.log(15):.3f}", f"{1.5 - math.log(15):+.3f}"],
+        ["lr 0.01", "simclr", f"(no FINISHED pre-training in {learns})", "–", "–", "–", "–", "–"],
+    ]

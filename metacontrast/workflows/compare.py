@@ -1,9 +1,13 @@
-"""Two grid stores side by side: the same rows run with one setting changed (e.g. pre-training length).
+"""Grid stores side by side: the same rows run with one setting changed (e.g. pre-training length).
 
 For every ``(method, L, seed)`` both stores finished, :func:`compare_stores` takes the best validation Dice of
 the fine-tune (the value its best checkpoint was chosen by, the basis for a decision) and the test Dice of the
 evaluate run, and reports each store's mean ± std over seeds and the per-seed difference B - A
 (:func:`metacontrast.workflows.results.paired_gain`).
+
+:func:`compare_pretraining` looks one step earlier, at the pre-training itself: whether an image-wise
+contrastive loss leaves its chance level ``log(2N - 1)`` (every similarity equal; N slices per batch, two
+views each) under each setting.  It needs no fine-tune, so it screens settings before any is fine-tuned.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import numpy as np
 from .pictures import RunStore
 from .results import MISSING, collect_evaluate_runs, format_gain, markdown_head, paired_gain
 
-__all__ = ["compare_stores", "validation_rows"]
+__all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_stores", "validation_rows"]
 
 VAL_METRIC = "val_mean_dice"
+#: MLflow metrics (prefixes) of the image-wise InfoNCE terms: GCL's per meta label (Eq. 1), SimCLR's two-view loss.
+IMAGE_WISE_TERMS = ("train_img/", "train_loss/views")
 
 
 def validation_rows(store: RunStore, methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -72,4 +78,41 @@ def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[s
     lines += ["", "Validation Dice: the best `val_mean_dice` of each fine-tune (the value its checkpoint was chosen by); "
               "test Dice: its evaluate run. Mean ± std over seeds (n); differences per seed, as in `paper_comparison.md`. "
               "Made by `scripts/compare_stores.py` (`metacontrast.workflows.compare`).", ""]
+    return "\n".join(lines)
+
+
+def chance_level(batch_size: int) -> float:
+    """``log(2N - 1)``: an InfoNCE over ``2N`` images (two views of ``N`` slices) when every similarity is equal."""
+    return math.log(2 * int(batch_size) - 1)
+
+
+def compare_pretraining(dataset: str, stores: Sequence[tuple[str, str]], methods: Sequence[str],
+                        terms: Sequence[str] = IMAGE_WISE_TERMS, experiment_name: str | None = None) -> str:
+    """Markdown table of the image-wise losses of each ``(setting, method)`` pre-training against their chance level.
+
+    Args:
+        stores: ``(label, tracking URI)`` per setting, in the table's order.
+        methods: the pre-training rows (``gcl``, ``simclr``); each store's newest FINISHED run of each is read.
+        terms: metric names or prefixes to report (default: :data:`IMAGE_WISE_TERMS`).
+
+    One line per logged term: its value after the first and the last logged step (epoch means), its lowest,
+    the chance level of the run's ``batch_size`` and last - chance.  A store without the run is listed as missing.
+    """
+    lines = markdown_head(f"{dataset}: image-wise pre-training losses against chance, log(2N - 1)",
+                          ["Setting", "Method", "Term", "first", "lowest", "last", "chance", "last - chance"], left_aligned=3)
+    for label, uri in stores:
+        store = RunStore(uri, dataset, experiment_name)
+        for method in methods:
+            runs = store.runs("pretrain", method=method)
+            if not runs:
+                lines.append(f"| {label} | {method} | (no FINISHED pre-training in {uri}) |" + f" {MISSING} |" * 5)
+                continue
+            run = runs[0]
+            chance = chance_level(int(run.data.params["batch_size"]))
+            for key in sorted(k for k in run.data.metrics if any(k == t or (t.endswith("/") and k.startswith(t)) for t in terms)):
+                _, values = store.history(run.info.run_id, key)
+                lines.append(f"| {label} | {method} | {key} | {values[0]:.3f} | {values.min():.3f} | {values[-1]:.3f} | "
+                             f"{chance:.3f} | {values[-1] - chance:+.3f} |")
+    lines += ["", "Values are the logged epoch means of each term (MLflow run of the setting's store, newest FINISHED "
+              "pre-training of the method). Made by `scripts/compare_pretraining.py` (`metacontrast.workflows.compare`).", ""]
     return "\n".join(lines)
