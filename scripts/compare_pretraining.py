@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.io import atomic_write  # noqa: E402
+from metacontrast.io import atomic_write_text  # noqa: E402
 from metacontrast.workflows.compare import compare_pretraining  # noqa: E402
 from metacontrast.workflows.grid import method_names  # noqa: E402
 
@@ -26,8 +26,7 @@ def main(dataset: str, stores: Sequence[str], labels: Sequence[str], methods: st
     text = compare_pretraining(dataset, list(zip(map(str, labels), map(str, stores))), method_names(methods),
                                experiment_name=experiment_name or f"metacontrast-{dataset}")
     if output:
-        with atomic_write(output) as handle:
-            handle.write(text)
+        atomic_write_text(output, text)
     return text
 
 

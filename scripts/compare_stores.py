@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.io import atomic_write  # noqa: E402
+from metacontrast.io import atomic_write_text  # noqa: E402
 from metacontrast.workflows.compare import compare_stores  # noqa: E402
 from metacontrast.workflows.grid import method_names  # noqa: E402
 
@@ -23,8 +23,7 @@ def main(dataset: str, store_a: str, store_b: str, methods: str | Sequence[str],
     text = compare_stores(dataset, store_a, store_b, method_names(methods), (str(labels[0]), str(labels[1])),
                           experiment_name or f"metacontrast-{dataset}")
     if output:
-        with atomic_write(output) as handle:
-            handle.write(text)
+        atomic_write_text(output, text)
     return text
 
 
