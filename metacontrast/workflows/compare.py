@@ -96,16 +96,18 @@ def compare_pretraining(dataset: str, stores: Sequence[tuple[str, str]], methods
         terms: metric names or prefixes to report (default: :data:`IMAGE_WISE_TERMS`).
 
     One line per logged term: its value after the first and the last logged step (epoch means), its lowest,
-    the chance level of the run's ``batch_size`` and last - chance.  A store without the run is listed as missing.
+    the chance level of the run's ``batch_size`` and last - chance.  The settings a method was not run under
+    are named below the table.
     """
     lines = markdown_head(f"{dataset}: image-wise pre-training losses against chance, log(2N - 1)",
                           ["Setting", "Method", "Term", "first", "lowest", "last", "chance", "last - chance"], left_aligned=3)
+    absent: dict[str, list[str]] = {}
     for label, uri in stores:
         store = RunStore(uri, dataset, experiment_name)
         for method in methods:
             runs = store.runs("pretrain", method=method)
             if not runs:
-                lines.append(f"| {label} | {method} | (no FINISHED pre-training in {uri}) |" + f" {MISSING} |" * 5)
+                absent.setdefault(method, []).append(label)
                 continue
             run = runs[0]
             chance = chance_level(int(run.data.params["batch_size"]))
@@ -113,6 +115,7 @@ def compare_pretraining(dataset: str, stores: Sequence[tuple[str, str]], methods
                 _, values = store.history(run.info.run_id, key)
                 lines.append(f"| {label} | {method} | {key} | {values[0]:.3f} | {values.min():.3f} | {values[-1]:.3f} | "
                              f"{chance:.3f} | {values[-1] - chance:+.3f} |")
+    lines += [""] + [f"No FINISHED {method} pre-training under: {', '.join(labels)}." for method, labels in absent.items()]
     lines += ["", "Values are the logged epoch means of each term (MLflow run of the setting's store, newest FINISHED "
               "pre-training of the method). Made by `scripts/compare_pretraining.py` (`metacontrast.workflows.compare`).", ""]
     return "\n".join(lines)
