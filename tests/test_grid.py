@@ -331,12 +331,13 @@ def test_row_names_split_once_and_name_their_pre_training() -> None:
     """One grammar, ``<bundle>[/<variant>][+<add-on>][@<recipe>]``: a pre-training ablation runs under its
     own name, a fine-tune-only variant and an add-on reuse the bundle's pre-training, random init has none."""
     from metacontrast.workflows.grid import parse_method
-    from metacontrast.workflows.method_name import MethodName, split_method_name
+    from metacontrast.workflows.method_name import MethodName, split_method_name, with_recipe
 
     parts = split_method_name("gcl/naive_sum+mean_teacher@improved")
     assert parts == MethodName("gcl", "naive_sum", "mean_teacher", "improved")
     assert (parts.pretrained_as, parts.without_recipe) == ("gcl/naive_sum", "gcl/naive_sum+mean_teacher")
     assert split_method_name("random") == MethodName("random", "", "", "")
+    assert (with_recipe("random", "improved"), with_recipe("random", "")) == ("random@improved", "random")
     assert parse_method("gcl/no_filter@improved").pretraining == "gcl/no_filter"
     assert parse_method("gcl/frozen_encoder").pretraining == "gcl"
     assert parse_method("gcl+mean_teacher@improved").pretraining == "gcl"

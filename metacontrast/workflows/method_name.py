@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["MethodName", "split_method_name"]
+__all__ = ["MethodName", "split_method_name", "with_recipe"]
 
 
 class MethodName(NamedTuple):
@@ -38,3 +38,8 @@ def split_method_name(name: str) -> MethodName:
     base, _, add_on = rest.partition("+")
     bundle, _, variant = base.partition("/")
     return MethodName(bundle, variant, add_on, recipe)
+
+
+def with_recipe(name: str, recipe: str) -> str:
+    """``gcl``, ``improved`` -> ``gcl@improved``; the paper recipe (``""``) leaves the name as it is."""
+    return f"{name}@{recipe}" if recipe else name

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from metacontrast.io import atomic_write
-from metacontrast.workflows.method_name import split_method_name
+from metacontrast.workflows.method_name import split_method_name, with_recipe
 from metacontrast.workflows.tracking import runs_as_records, search_runs
 
 __all__ = ["aggregate", "collect_evaluate_runs", "format_ablations", "format_gain", "format_gains",
@@ -280,15 +280,14 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def same_recipe_random(method: str, baseline: str = "random") -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
-    recipe = split_method_name(method).recipe
-    return f"{baseline}@{recipe}" if recipe else baseline
+    return with_recipe(baseline, split_method_name(method).recipe)
 
 
 def full_method(method: str) -> str:
     """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
     ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
     parts = split_method_name(method)
-    return parts.bundle + (f"@{parts.recipe}" if parts.recipe else "")
+    return with_recipe(parts.bundle, parts.recipe)
 
 
 def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, num_labeled: int,
