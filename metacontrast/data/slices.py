@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from metacontrast.io import atomic_torch_save
+from metacontrast.data.pack import is_slice_pack, packed_volumes
 from metacontrast.data.transforms import (
     DEFAULT_NUM_PARTITIONS,
     slice_positions,
@@ -287,21 +288,17 @@ def _preprocessed_volumes(
 
 def _build(
     datalist: Sequence[dict[str, Any]],
-    dataset_dir: Path,
-    pixel_size: Sequence[float],
-    spatial_size: Sequence[int],
+    items: Iterable[dict[str, Any]],
     num_partitions: int,
     with_labels: bool,
-    num_workers: int,
-    progress: bool,
 ) -> SliceCache:
+    """Stack preprocessed volumes (``items``, one per entry, as :func:`_preprocessed_volumes` yields them)."""
     patient_names, patient_code = _codes([str(e["patient_id"]) for e in datalist])
     state_names, state_code = _codes([str(e.get("organ_state", "none")) for e in datalist])
     images: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     meta: dict[str, list[torch.Tensor]] = {k: [] for k in META_KEYS}
     volumes = [dict(e) for e in datalist]
-    items = _preprocessed_volumes(datalist, dataset_dir, pixel_size, spatial_size, with_labels, num_workers, progress)
     for v, (entry, item) in enumerate(zip(datalist, items, strict=True)):
         image = item["image"]
         if image.ndim != 4 or image.shape[0] != 1:
@@ -364,7 +361,8 @@ def build_slice_cache(
     Args:
         datalist: manifest entries (``image``, ``label``, ``volume_id``, ``patient_id``, ``organ_state``);
             paths relative to ``dataset_dir`` (absolute paths also work).
-        dataset_dir: root of the raw data.
+        dataset_dir: root of the raw data, or a slice pack (:mod:`metacontrast.data.pack`), whose
+            volumes are read as they were packed (no disk cache; its preprocessing must match).
         pixel_size: in-plane spacing ``(px, py)`` in mm.
         spatial_size: in-plane size ``(H, W)``.
         num_partitions: S for ``slice_quantile``.
@@ -381,6 +379,9 @@ def build_slice_cache(
     """
     if not datalist:
         raise ValueError("empty datalist: no volumes to slice")
+    if is_slice_pack(dataset_dir):  # already preprocessed: read, never cached again
+        items = packed_volumes(dataset_dir, datalist, pixel_size, spatial_size, with_labels)
+        return _build(datalist, items, num_partitions, with_labels)
     if with_labels:
         missing = [e.get("volume_id", e["image"]) for e in datalist if not e.get("label")]
         if missing:
@@ -398,7 +399,8 @@ def build_slice_cache(
         if cached is not None:
             return cached
     workers = _default_workers(len(datalist)) if num_workers is None else num_workers
-    cache = _build(datalist, root, pixel_size, spatial_size, num_partitions, with_labels, workers, progress)
+    items = _preprocessed_volumes(datalist, root, pixel_size, spatial_size, with_labels, workers, progress)
+    cache = _build(datalist, items, num_partitions, with_labels)
     if path is not None:
         atomic_torch_save({**cache.state(), "key": key}, path)
     return cache

@@ -1,0 +1,125 @@
+"""Bring a device run home: unpack its returned archives and merge its MLflow runs into the grid's store.
+
+The device writes its runs into its own store (``<runs>/<dataset>/mlruns.db`` there).  Here
+:func:`import_device_run` unpacks the returned ``runs.tar.gz`` (parts joined) under ``runs_dir``, keeps the
+device's store beside the grid's as ``<runs_dir>/<dataset>/device_mlruns.db`` (carried back to the device
+next time, so an interrupted pre-training resumes in the same run), and copies every run of it into the
+grid's store: tags, params, the full history of every metric, artifacts, status and times.  A copied run
+carries the tag ``device_source_run`` (the device's run id); importing again skips runs already copied
+and finished, and replaces a copy of a run that was still running, so the import is idempotent.
+``run_grid.py`` and the results runner then see these runs like any other.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from metacontrast.workflows.tracking import _client, _experiment_id
+
+__all__ = ["SOURCE_TAG", "import_device_run", "join_parts", "merge_store"]
+
+SOURCE_TAG = "device_source_run"
+_BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics and 100 params per call
+
+
+def join_parts(returned: Path, name: str) -> Path | None:
+    """``<name>.tar.gz``, or its ``.partNN`` pieces joined into it; ``None`` when neither came back."""
+    whole = returned / f"{name}.tar.gz"
+    parts = sorted(returned.glob(f"{name}.tar.gz.part*"))
+    if parts:
+        joined = Path(tempfile.mkdtemp()) / whole.name
+        with joined.open("wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+        return joined
+    return whole if whole.is_file() else None
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for k in range(0, len(items), size):
+        yield items[k:k + size]
+
+
+def merge_store(source_uri: str, target_uri: str) -> dict[str, int]:
+    """Copy every run of ``source_uri`` into ``target_uri`` (same experiment names); returns counts."""
+    from mlflow.entities import Param, RunStatus  # heavy, as above
+
+    src, dst = _client(source_uri), _client(target_uri)
+    counts = {"copied": 0, "skipped": 0, "replaced": 0}
+    for experiment in src.search_experiments():
+        exp_id = _experiment_id(dst, target_uri, experiment.name)  # artifacts beside the target's database
+        for run in src.search_runs([experiment.experiment_id], max_results=50000):
+            source_id = run.info.run_id
+            earlier = dst.search_runs([exp_id], filter_string=f"tags.{SOURCE_TAG} = '{source_id}'")
+            if any(r.info.status == "FINISHED" for r in earlier):
+                counts["skipped"] += 1
+                continue
+            for stale in earlier:
+                dst.delete_run(stale.info.run_id)
+                counts["replaced"] += 1
+            tags = {**run.data.tags, SOURCE_TAG: source_id}
+            new = dst.create_run(exp_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
+            new_id = new.info.run_id
+            for chunk in _chunks([Param(k, v) for k, v in run.data.params.items()], 100):
+                dst.log_batch(new_id, params=chunk)
+            history = [m for key in run.data.metrics for m in src.get_metric_history(source_id, key)]
+            for chunk in _chunks(history, _BATCH):
+                dst.log_batch(new_id, metrics=chunk)
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = Path(src.download_artifacts(source_id, "", tmp))
+                except Exception as err:  # noqa: BLE001 - artifacts left behind on the device (weights) are not fatal
+                    warnings.warn(f"run {source_id}: artifacts not copied ({type(err).__name__}: {err})", stacklevel=2)
+                else:
+                    if any(local.iterdir()):
+                        dst.log_artifacts(new_id, str(local))
+            status = run.info.status
+            if status == RunStatus.to_string(RunStatus.RUNNING):
+                continue  # left running: a later import replaces it once the device has finished it
+            dst.set_terminated(new_id, status=status, end_time=run.info.end_time)
+            counts["copied"] += 1
+    return counts
+
+
+def import_device_run(returned: str | Path, runs_dir: str | Path, dataset: str, tracking_uri: str = "") -> dict[str, Any]:
+    """Unpack ``returned``'s ``runs`` archive under ``runs_dir`` and merge the device's store into the grid's.
+
+    Args:
+        returned: the folder the device's files came back in (``runs.tar.gz`` or its parts, ``logs.tar.gz``,
+            ``device_report.json``).
+        runs_dir: where the grid keeps this scale's runs (e.g. ``runs_paper_scale``).
+        dataset: the dataset the device ran (its store is ``runs/<dataset>/mlruns.db`` in the archive).
+        tracking_uri: the grid's store (default ``sqlite:///<runs_dir>/<dataset>/mlruns.db``).
+
+    Returns:
+        The counts of :func:`merge_store`, the files unpacked, and the store URIs.
+    """
+    returned, runs_dir = Path(returned), Path(runs_dir)
+    archive = join_parts(returned, "runs")
+    if archive is None:
+        raise FileNotFoundError(f"{returned} holds no runs.tar.gz (nor its parts): nothing to import")
+    target_uri = tracking_uri or f"sqlite:///{(runs_dir / dataset / 'mlruns.db').resolve()}"
+    device_store = runs_dir / dataset / "device_mlruns.db"
+    unpacked = []
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+        root = Path(tmp) / "runs"
+        store = root / dataset / "mlruns.db"
+        if not store.is_file():
+            raise FileNotFoundError(f"{archive} holds no runs/{dataset}/mlruns.db: not a device run of {dataset}")
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and path != store and "mlartifacts" not in path.parts:  # artifacts go through the store
+                dest = runs_dir / path.relative_to(root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                unpacked.append(str(dest))
+        device_store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(store, device_store)
+    counts = merge_store(f"sqlite:///{device_store.resolve()}", target_uri)
+    return {**counts, "unpacked": unpacked, "device_store": str(device_store), "tracking_uri": target_uri}

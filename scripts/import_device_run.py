@@ -1,0 +1,27 @@
+#!/usr/bin/env python3
+"""Merge a device run's returned files into the grid's MLflow store: see ``docs/device.md``.
+
+    python scripts/import_device_run.py --returned /work/.device/<call> --runs_dir runs_paper_scale --dataset acdc
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from metacontrast.device.importer import import_device_run  # noqa: E402
+
+
+def main(returned: str, runs_dir: str = "runs_paper_scale", dataset: str = "acdc", tracking_uri: str = "") -> None:
+    result = import_device_run(returned, runs_dir, dataset, tracking_uri)
+    print(json.dumps({k: v for k, v in result.items() if k != "unpacked"}, indent=2))
+    print(f"{len(result['unpacked'])} files unpacked under {runs_dir}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

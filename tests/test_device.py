@@ -1,0 +1,100 @@
+"""The device round trip on the CPU: slice packs, the entry script's dry run, and the import into a grid store.
+
+The dry run is the same ``scripts/device_entry.py`` a GPU host runs, on a slice pack of the embedded sample, so the
+package cannot rot between device sessions (``docs/device.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metacontrast.data.pack import SlicePackError, read_pack_info
+from metacontrast.data.slices import build_slice_cache
+from metacontrast.device.packer import pack_dataset
+from metacontrast.workflows.tracking import completed_runs
+
+SAMPLE_DIR = "sample_data/hippocampus"
+SIZE = ([1.0, 1.0], [64, 64])
+
+
+@pytest.fixture(scope="module")
+def sample_pack(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("device_data")
+    pack_dataset(repo_root / "data_manifests/sample.json", repo_root / SAMPLE_DIR, out / "sample_pack", "sample", *SIZE, cache_dir=None)
+    return out
+
+
+def _manifest(repo_root: Path) -> dict:
+    return json.loads((repo_root / "data_manifests/sample.json").read_text())
+
+
+def test_pack_serves_the_slices_it_was_made_from(repo_root: Path, sample_pack: Path) -> None:
+    entries = _manifest(repo_root)["train"]
+    raw = build_slice_cache(entries, repo_root / SAMPLE_DIR, *SIZE, with_labels=True, progress=False)
+    packed = build_slice_cache(entries, sample_pack / "sample_pack", *SIZE, with_labels=True, progress=False)
+    assert packed.images.shape == raw.images.shape
+    assert (packed.images - raw.images).abs().max() <= 1 / 510 + 1e-6  # uint8 quantisation, nothing else
+    assert (packed.images - raw.images).abs().max() > 0  # it is the pack that was read
+    assert torch.equal(packed.labels, raw.labels)
+    for key, value in raw.meta.items():
+        assert torch.equal(packed.meta[key], value), key
+    assert packed.volumes == raw.volumes
+
+
+def test_pack_refuses_what_it_cannot_serve(repo_root: Path, sample_pack: Path, tmp_path: Path) -> None:
+    pack = sample_pack / "sample_pack"
+    manifest = _manifest(repo_root)
+    with pytest.raises(SlicePackError, match=r"sample_pack was made with .*spatial_size.*\[64, 64\]"):
+        build_slice_cache(manifest["train"], pack, [1.0, 1.0], [96, 96], with_labels=True)
+    with pytest.raises(SlicePackError, match="lacks the volumes"):
+        build_slice_cache(manifest["test"], pack, *SIZE, with_labels=True)
+    with pytest.raises(SlicePackError, match="holds no label"):
+        build_slice_cache(manifest["pretrain"], pack, *SIZE, with_labels=True)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "slice_pack.json").write_text((pack / "slice_pack.json").read_text())
+    data = lzma.decompress((pack / "volumes.xz").read_bytes())
+    (damaged / "volumes.xz").write_bytes(lzma.compress(data[: len(data) // 2]))
+    with pytest.raises(SlicePackError, match=r"damaged/volumes.xz: ends inside volume"):
+        build_slice_cache(manifest["train"], damaged, *SIZE, with_labels=True)
+    assert read_pack_info(pack)["order"][0] in read_pack_info(pack)["volumes"]
+
+
+@pytest.mark.slow
+def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, sample_pack: Path, tmp_path: Path) -> None:
+    out, runs, home = tmp_path / "out", tmp_path / "device_runs", tmp_path / "home"
+    done = subprocess.run(
+        [sys.executable, "scripts/device_entry.py", "--plan", "scripts/device_plans/dry_run.json", "--data", str(sample_pack),
+         "--out", str(out), "--runs", str(runs)],
+        cwd=repo_root, capture_output=True, text=True, timeout=900,
+    )
+    report = json.loads((out / "device_report.json").read_text())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [s["status"] for s in report["stages"]] == ["ok", "ok"]
+    assert {"runs.tar.gz", "logs.tar.gz"} <= set(report["files"])
+
+    imported = subprocess.run(
+        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home), "--dataset", "sample"],
+        cwd=repo_root, capture_output=True, text=True, timeout=600,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    uri = f"sqlite:///{home / 'sample' / 'mlruns.db'}"
+    pretrain = completed_runs(uri, "metacontrast-sample", {"workflow": "pretrain", "method": "gcl"})
+    finetune = completed_runs(uri, "metacontrast-sample", {"workflow": "finetune", "method": "gcl", "num_labeled": 1, "seed": 0})
+    assert len(pretrain) == 1 and len(finetune) == 1
+    assert (home / "sample" / "gcl" / "L1_seed0" / "finetune_run.json").is_file()
+    assert (home / "sample" / "device_mlruns.db").is_file()
+
+    again = subprocess.run(
+        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home), "--dataset", "sample"],
+        cwd=repo_root, capture_output=True, text=True, timeout=600,
+    )
+    assert '"copied": 0' in again.stdout and '"skipped": 2' in again.stdout
+    assert len(completed_runs(uri, "metacontrast-sample", {"workflow": "pretrain", "method": "gcl"})) == 1
