@@ -4,4 +4,5 @@ from .grad_mitigator import GradMitigator
 from .self_paced import SelfPacedSchedule, linear_pace
 from .trainer import MultiLossTrainer, NonFiniteLossError
 from .prepare_batch import AugmentedPrepareBatch, TwoViewPrepareBatch
+from .schedules import WarmupCosine, cosine_schedule
 from . import distributed

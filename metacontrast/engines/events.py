@@ -7,7 +7,8 @@ that gradient-level components (GradMitigator, logging, distributed all-reduce) 
 ``PER_LOSS_GRADIENTS_COMPUTED``  ``engine.state.per_loss_grads`` holds one gradient list per objective
                                  (only when a handler asked for them); a handler combines them into
                                  ``param.grad`` and sets ``engine.state.gradients_combined = True``.
-``GRADIENTS_READY``              ``param.grad`` is final (unscaled); the optimiser steps next.
+``GRADIENTS_READY``              ``param.grad`` is final (times the loss scale under AMP); the trainer
+                                 clips it (``grad_clip_norm``) and the optimiser steps next.
 """
 
 from __future__ import annotations

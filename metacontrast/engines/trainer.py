@@ -38,11 +38,17 @@ class MultiLossTrainer(SupervisedTrainer):
     Extra args (all others as ``SupervisedTrainer``):
         skip_nonfinite: skip the optimiser step (and count it in ``engine.state.skipped_steps``)
             instead of stopping when an objective is NaN/inf.
+        grad_clip_norm: c > 0 rescales the final update ``g`` (after every ``GRADIENTS_READY`` handler:
+            GradMitigator's combination, the multi-process all-reduce) to ``g min(1, c / ||g||)``, the norm
+            taken over all parameters together (torch's ``clip_grad_norm_``); 0 (default) leaves it as is.
     """
 
-    def __init__(self, *args, skip_nonfinite: bool = False, event_names=None, **kwargs) -> None:
+    def __init__(self, *args, skip_nonfinite: bool = False, grad_clip_norm: float = 0.0, event_names=None, **kwargs) -> None:
         super().__init__(*args, event_names=[MultiLossEvents, *(event_names or [])], **kwargs)
+        if grad_clip_norm < 0:
+            raise ValueError(f"grad_clip_norm must be >= 0 (0: off), got {grad_clip_norm}")
         self.skip_nonfinite = skip_nonfinite
+        self.grad_clip_norm = float(grad_clip_norm)
         self.state.skipped_steps = 0
 
     def _iteration(self, engine: MultiLossTrainer, batchdata: dict) -> dict:
@@ -74,13 +80,16 @@ class MultiLossTrainer(SupervisedTrainer):
             engine.state.skipped_steps += 1
             return engine.state.output
 
-        scale = engine.scaler.get_scale() if (engine.amp and engine.scaler is not None) else 1.0
+        # scaler.scale() (not get_scale()) sets up the scaler's state on its first call; step() and unscale_() need it
+        scale = float(engine.scaler.scale(torch.ones((), device=total.device))) if (engine.amp and engine.scaler is not None) else 1.0
         if getattr(engine.state, "per_loss_gradients_required", False):
             self._per_loss_backward(engine, losses, scale)
         else:
             (total * scale).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.fire_event(MultiLossEvents.GRADIENTS_READY)
+        if engine.grad_clip_norm > 0:
+            self._clip_gradients(engine)
         if engine.amp and engine.scaler is not None:
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
@@ -88,6 +97,15 @@ class MultiLossTrainer(SupervisedTrainer):
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+    @staticmethod
+    def _clip_gradients(engine: MultiLossTrainer) -> None:
+        """Clip the update's global norm to ``grad_clip_norm``; under AMP unscale first (``GradScaler.step``
+        then knows and does not unscale again).  The norm before clipping is ``engine.state.output["grad_norm"]``."""
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        engine.state.output["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm).detach()
 
     @staticmethod
     def _per_loss_backward(engine: MultiLossTrainer, losses: dict[str, torch.Tensor], scale: float) -> None:

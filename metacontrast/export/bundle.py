@@ -348,6 +348,7 @@ def make_inference_config(labels: Mapping[str, str], settings: Mapping[str, Any]
     values = {
         "labels": {str(k): v for k, v in labels.items()},
         "features": [int(f) for f in settings["features"]],
+        "norm": str(settings.get("norm", "instance")),
         "pixel_size": [float(p) for p in preprocessing["pixel_size"]],
         "spatial_size": [int(s) for s in preprocessing["spatial_size"]],
         "dataset_dir": dataset_dir,
@@ -626,7 +627,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_bundle(bundle: Path, state_dict: Mapping[str, torch.Tensor], features: Sequence[int], num_classes: int,
-                 spatial_size: Sequence[int]) -> None:  # fmt: skip
+                 spatial_size: Sequence[int], norm: str = "instance") -> None:  # fmt: skip
     """The Zoo's checks and ours on a written bundle (``bundle`` is its root); raises :class:`ExportError`."""
     from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
@@ -642,7 +643,7 @@ def check_bundle(bundle: Path, state_dict: Mapping[str, torch.Tensor], features:
         network.load_state_dict(dict(state_dict), strict=True)
     except RuntimeError as err:
         raise ExportError(f"models/model.pt does not fit inference.json's network_def (features {list(features)}?): {err}") from None
-    reference = SegmentationUNet(in_channels=1, out_channels=num_classes, features=features).eval()
+    reference = SegmentationUNet(in_channels=1, out_channels=num_classes, features=features, norm=norm).eval()
     reference.load_state_dict(dict(state_dict), strict=True)
     x = torch.rand(2, 1, *[int(s) for s in spatial_size], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -780,7 +781,10 @@ def _export(source: BundleSource, dest: str | None, name: str | None, version: s
         raise ExportError(f"{dest_path} exists; pass --overwrite True to replace it")
     origin = _git_origin()
 
+    from ..workflows.checkpoints import norm_of
+
     state_dict = _load_weights(source.checkpoint)
+    settings["norm"] = norm_of(state_dict, source.checkpoint)  # the weights' own, whatever the run logged
     encoder = _repo_path(settings["pretrained_ckpt"]) if include_encoder and settings.get("pretrained_ckpt") else None
     if encoder is not None and not encoder.is_file():
         logger.warning("the pre-trained encoder %s is gone: train.json will start from a random initialisation", encoder)
@@ -826,7 +830,7 @@ def _export(source: BundleSource, dest: str | None, name: str | None, version: s
             torch.save(_load_weights(encoder), staging / "models" / "pretrained_encoder.pt")
         card = make_model_card(source, manifest, preprocessing, info, metadata, train_cfg, vendored, origin, results_dir, encoder is not None)
         (staging / "docs" / "README.md").write_text(card)
-        check_bundle(staging, state_dict, [int(f) for f in settings["features"]], len(manifest["labels"]), preprocessing["spatial_size"])
+        check_bundle(staging, state_dict, [int(f) for f in settings["features"]], len(manifest["labels"]), preprocessing["spatial_size"], settings["norm"])
         if dest_path.exists():
             shutil.rmtree(dest_path)
         staging.rename(dest_path)

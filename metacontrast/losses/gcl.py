@@ -1,4 +1,4 @@
-"""The GCL objective per meta label (GCL paper Eq. 9): ``L^m = L_img^m + L_pix^m``.
+"""The GCL objective per meta label (GCL paper Eq. 9): ``L^m = L_img^m + lambda L_pix^m``, lambda = 1 in the paper.
 
 Returned as a dict ``{m: L^m}`` so that :class:`~metacontrast.engines.MultiLossTrainer` either averages
 the objectives (Eq. 2, "mitigator off") or hands their gradients to GradMitigator.
@@ -24,6 +24,8 @@ class GCLLoss(nn.Module):
             ``organ_state``); an empty list gives the vanilla two-view loss (the ablation's base model).
         temperature: tau for Eq. 1.
         pixel_loss: Eq. 5 module, or ``None`` to switch pixel contrast off.
+        pixel_weight: lambda on the pixel term; the paper sums the two terms (1.0).  A gap the paper left:
+            at initialisation the pixel term's gradient on the encoder is ~28x the image term's (issue 18).
         image_key / pixel_key: names of the ``h_img`` and ``h_pix`` outputs of the network.
     """
 
@@ -32,15 +34,19 @@ class GCLLoss(nn.Module):
         meta_labels: Sequence[str],
         temperature: float = 0.1,
         pixel_loss: PixelContrastiveLoss | None = None,
+        pixel_weight: float = 1.0,
         image_key: str = "img",
         pixel_key: str = "pix",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if pixel_weight < 0:
+            raise ValueError(f"pixel_weight must be >= 0, got {pixel_weight}")
         self.meta_labels = list(meta_labels)
         self.temperature = temperature
         self.pixel_loss = pixel_loss
+        self.pixel_weight = float(pixel_weight)
         self.image_key, self.pixel_key = image_key, pixel_key
         self.last_terms: dict[str, float] = {}
 
@@ -50,7 +56,8 @@ class GCLLoss(nn.Module):
             outputs: ``{"img": (2N, D, h, w), "pix": (2N, D, h, w)}`` for the two views stacked.
             meta: ``{label: (N,) int tensor}`` per slice.
         Returns:
-            ``{label: L^m}`` (``{"views": L}`` when no meta label is used).
+            ``{label: L^m}`` (``{"views": L}`` when no meta label is used); the logged terms
+            (``last_terms``) are unweighted.
         """
         z = pooled_embedding(outputs[self.image_key])
         num_slices = z.shape[0] // 2
@@ -67,7 +74,7 @@ class GCLLoss(nn.Module):
             terms[f"img/{name}"] = float(image_term.detach())
             if self.pixel_loss is not None:
                 pixel_term = masked_pair_mean(pair_losses, positives)
-                objective = objective + pixel_term
+                objective = objective + self.pixel_weight * pixel_term
                 terms[f"pix/{name}"] = float(pixel_term.detach())
                 terms[f"kept_positives/{name}"] = self.pixel_loss.last_kept_fraction
             objectives[name] = objective

@@ -20,6 +20,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 DEFAULT_CHANNELS = (32, 64, 128, 256, 512)
+#: normalisation layers the U-Net may use: MONAI's default (InstanceNorm, no affine parameters) and BatchNorm
+NORMS = ("instance", "batch")
 
 
 class SegmentationUNet(UNet):
@@ -32,14 +34,19 @@ class SegmentationUNet(UNet):
             ``(32, 64, 128, 256, 512)`` (deepest features 512), the CPU preset halves them.
         num_res_units: residual units per block (2 as in the project's reference network).
         spatial_dims: 2 for slice-wise training.
-        kwargs: passed to ``UNet`` (``norm``, ``act``, ``dropout``).
+        norm: ``"instance"`` (MONAI's default: per-slice, per-channel statistics, no affine parameters, the same
+            in training and inference) or ``"batch"`` (statistics over the batch, affine parameters and running
+            statistics in the state dict).  Neither GCL paper nor its peers name the layer.
+        kwargs: passed to ``UNet`` (``act``, ``dropout``).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4, features: Sequence[int] = DEFAULT_CHANNELS,
-                 num_res_units: int = 2, spatial_dims: int = 2, **kwargs) -> None:
+                 num_res_units: int = 2, spatial_dims: int = 2, norm: str = "instance", **kwargs) -> None:
         features = tuple(int(f) for f in features)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         super().__init__(spatial_dims, in_channels, out_channels, channels=features, strides=(2,) * (len(features) - 1),
-                         num_res_units=num_res_units, **kwargs)
+                         num_res_units=num_res_units, norm=norm, **kwargs)
         self.features = features
         downs, ups = [], []
         block: nn.Module = self.model

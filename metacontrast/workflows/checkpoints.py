@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
-from ..nets.unet import SegmentationUNet, load_pretrained
+from ..nets.unet import PretrainedWeightsMismatch, SegmentationUNet, load_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,41 @@ def state_dict_of(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]:
     raise UnsafeCheckpointError(f"checkpoint {path} holds no state dict")
 
 
+def norm_of(checkpoint: Any, path: str | Path) -> str:
+    """The U-Net normalisation layer (``"instance"`` or ``"batch"``) of a loaded checkpoint.
+
+    ``checkpoint["network"]["norm"]`` where the file records it (``encoder.pt``); otherwise read off the
+    weights: BatchNorm keeps running statistics, instance norm (no affine parameters) keeps nothing.
+    """
+    network = checkpoint.get("network") if isinstance(checkpoint, dict) else None
+    if isinstance(network, dict) and "norm" in network:
+        return str(network["norm"])
+    return "batch" if any(k.endswith(".running_mean") for k in state_dict_of(checkpoint, path)) else "instance"
+
+
+def checkpoint_norm(path: str | Path, default: str = "instance") -> str:
+    """:func:`norm_of` the checkpoint at ``path``; ``default`` for an empty path (random init).  The workflow
+    configs take the network's ``norm`` from here, so fine-tuning a batch-norm encoder builds a batch-norm
+    U-Net and evaluating that fine-tune builds it again."""
+    return norm_of(load_checkpoint(path), path) if path else default
+
+
 def initialise_encoder(network: SegmentationUNet, pretrained_ckpt: str, freeze_encoder: bool = False) -> list[str]:
     """Load a pre-training output (encoder, maybe decoder blocks) into the segmentation U-Net.
 
     Empty ``pretrained_ckpt`` keeps the random initialisation (the baseline).  ``freeze_encoder`` stops
-    gradients to the encoder blocks (the paper's "frozen encoder" ablation).  Returns the loaded keys.
+    gradients to the encoder blocks (the paper's "frozen encoder" ablation).  An encoder trained with
+    another normalisation layer than ``network.norm`` is refused (``PretrainedWeightsMismatch``).  Returns
+    the loaded keys.
     """
     loaded: list[str] = []
     if pretrained_ckpt:
-        loaded = load_pretrained(network, state_dict_of(load_checkpoint(pretrained_ckpt), pretrained_ckpt), source=f"pretrained checkpoint {pretrained_ckpt}")
+        checkpoint = load_checkpoint(pretrained_ckpt)
+        norm = norm_of(checkpoint, pretrained_ckpt)
+        if norm != str(network.norm).lower():
+            raise PretrainedWeightsMismatch(f"pretrained checkpoint {pretrained_ckpt} was trained with {norm} norm, "
+                                            f"the network uses {str(network.norm).lower()} norm (set norm to {norm!r})")
+        loaded = load_pretrained(network, state_dict_of(checkpoint, pretrained_ckpt), source=f"pretrained checkpoint {pretrained_ckpt}")
     if freeze_encoder:
         network.freeze_encoder()
     return loaded
