@@ -90,6 +90,21 @@ def test_seeded_and_two_views(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     assert v1.shape == v2.shape == images.shape and not torch.allclose(v1, v2)
 
 
+def test_shared_geometry_views_differ_in_intensity_only(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One spatial draw for both views: without intensity jitter they are equal (and moved); with it, each view
+    is a monotone per-sample remap of the other, so the pixels keep their order: the geometry is identical."""
+    images, _ = batch
+    v1, v2 = BatchAugmentation(rotate_prob=1.0, scale_prob=1.0, translate_prob=1.0, seed=2, **SPATIAL_ONLY).shared_geometry_views(images)
+    assert torch.equal(v1, v2) and (v1 - images).abs().mean() > 0.01
+    jitter = dict(gamma_prob=1.0, contrast_prob=1.0, brightness_prob=1.0)
+    v1, v2 = BatchAugmentation(rotate_prob=1.0, scale_prob=1.0, translate_prob=1.0, seed=2, **jitter).shared_geometry_views(images)
+    assert (v1 - v2).abs().mean() > 0.01
+    order = v1.flatten(1).argsort(dim=1)
+    assert bool((v2.flatten(1).gather(1, order).diff(dim=1) >= -1e-5).all())
+    w1, w2 = BatchAugmentation(rotate_prob=1.0, scale_prob=1.0, translate_prob=1.0, seed=2, **jitter).two_views(images)
+    assert not bool((w2.flatten(1).gather(1, w1.flatten(1).argsort(dim=1)).diff(dim=1) >= -1e-5).all())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_same_draws_on_cuda(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     images, labels = batch

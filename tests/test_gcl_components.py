@@ -85,6 +85,27 @@ def test_each_parameter_tensor_is_mitigated_separately():
     assert not torch.allclose(modified[:, :2], g[:, :2])  # tensor 0 conflicts: modified
 
 
+def test_pair_with_a_zero_gradient_on_a_tensor_is_skipped():
+    """Where g_i or g_j is exactly zero on a tensor the cosine is undefined: that (tensor, pair) keeps its
+    EMA target and its gradients, while the other tensor follows Eq. 4 as usual."""
+    for cosine_norm in ("corrected", "as_printed"):
+        mitigator = GradMitigator(beta=0.5, cosine_norm=cosine_norm)
+        mitigator.targets = torch.full((2, 2, 2), 0.6)
+        # tensor 0: label 1's gradient is zero; tensor 1: both gradients non-zero and conflicting
+        g = torch.tensor([[1.0, 0.2, 1.0, 0.0], [0.0, 0.0, -0.5, 1.0]])
+        w = F.cosine_similarity(g[0, 2:], g[1, 2:], dim=0)
+        modified = mitigator.modified_gradients(g, torch.tensor([0, 0, 1, 1]), 2)
+        torch.testing.assert_close(mitigator.targets[0], torch.full((2, 2), 0.6))  # no EMA step with cos = 0
+        assert (mitigator.targets[1] != torch.full((2, 2), 0.6)).sum() == 2  # both ordered pairs moved
+        torch.testing.assert_close(modified[:, :2], g[:, :2])
+        assert not torch.allclose(modified[:, 2:], g[:, 2:])  # the defined tensor is still mitigated
+        assert mitigator.last_cosines[0, 0, 1].isnan() and mitigator.last_cosines[0, 1, 0].isnan()
+        if cosine_norm == "corrected":  # pair (0, 1) is visited first, with g_0' = g_0
+            assert float(mitigator.targets[1, 0, 1]) == pytest.approx(0.5 * 0.6 + 0.5 * float(w))
+            summary = mitigator.summary(["a", "b"])
+            assert summary["cos/a-vs-b"] == pytest.approx(float(w))  # mean over the tensors where it is defined
+
+
 def test_mitigator_state_roundtrip():
     mitigator = GradMitigator(beta=0.2)
     mitigator.mitigate(torch.randn(3, 10), torch.zeros(10, dtype=torch.long), 1)

@@ -194,6 +194,28 @@ def test_local_stage_freezes_the_encoder_and_trains_the_decoder_blocks() -> None
         DecoderWithHeads(unet, {}, BLOCKS + 1)
 
 
+def test_bundle_maps_each_flattened_region_through_a_learned_layer(repo_root: Path) -> None:
+    """The authors' code (``wgt_en=1``, its default) maps each flattened 3 x 3 x C region by one bias-free dense
+    layer to 128-d before the cosine; the bundle does it as a 3 x 3 valid convolution after g2, read at the
+    regions' corners as 1 x 1 regions. ``region_projection: 0`` compares the raw flattened regions."""
+    torch.manual_seed(4)
+    parser = parsed_config(repo_root, PRETRAIN, features=TINY)
+    net, loss_fn = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+    mlp, layer = net.heads["g2"]
+    assert isinstance(layer, torch.nn.Conv2d) and layer.bias is None and layer.out_channels == 128 and layer.kernel_size == (3, 3)
+    assert layer.weight.requires_grad and any(p is layer.weight for p in net.trainable_parameters())
+    decoded = torch.randn(4, TINY[-2 - BLOCKS], 12, 11)
+    f, z = mlp(decoded), net.heads["g2"](decoded)
+    corners, corners_out = region_corners(12, 11, 3), region_corners(*z.shape[2:], 1)
+    assert torch.equal(corners, corners_out) and loss_fn.region_size == 1
+    for r, c in corners.tolist():  # W . vec(region) for every region of every map
+        region = f[:, :, r : r + 3, c : c + 3].flatten(1)
+        torch.testing.assert_close(z[:, :, r, c], region @ layer.weight.flatten(1).T)
+    raw = parsed_config(repo_root, PRETRAIN, features=TINY, region_projection=0)
+    assert isinstance(raw.get_parsed_content("network").heads["g2"], ProjectionHead)
+    assert raw.get_parsed_content("loss").region_size == 3
+
+
 # -- the bundle ------------------------------------------------------------------------------------
 
 

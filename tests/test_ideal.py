@@ -266,3 +266,17 @@ def test_pretrain_on_the_embedded_sample(repo_root: Path, tmp_path: Path) -> Non
 def test_pretrain_on_acdc(repo_root: Path, acdc_dir: Path, tmp_path: Path) -> None:
     checkpoint = _pretrain(repo_root, tmp_path, dataset="acdc", dataset_dir=str(acdc_dir), max_epochs=1, max_volumes=8)
     assert checkpoint["epoch"] == 1
+
+
+def test_ideal_finetune_supervises_with_dice_plus_ce(repo_root: Path) -> None:
+    """The card's statement: IDEAL's fine-tune (cross pseudo supervision) uses Dice + CE on labelled slices, as
+    the authors' code; ``loss#lambda_dice 0`` gives Eq. 3's plain cross-entropy."""
+    parser = ConfigParser()
+    parser.read_config([str(repo_root / "bundles/common/configs/finetune.json"), str(repo_root / "bundles/ideal/configs/finetune.json")])
+    assert parser["semi_supervised"] == "cross_pseudo"
+    loss = parser.get_parsed_content("loss")
+    assert type(loss).__name__ == "DiceCELoss" and loss.lambda_dice > 0 and loss.lambda_ce > 0
+    logits, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 1, 8, 8))
+    parser["loss#lambda_dice"] = 0.0
+    ce_only = parser.get_parsed_content("loss", lazy=False)
+    assert float(ce_only(logits, target)) == pytest.approx(float(F.cross_entropy(logits, target[:, 0])), rel=1e-5)

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 
-from metacontrast.engines import SelfPacedSchedule, linear_pace
+from metacontrast.engines import SelfPacedSchedule, power_pace
 from metacontrast.losses import SimCLRLoss, SPCLLoss, self_paced_regulariser, self_paced_weights
 from metacontrast.nets import SegmentationUNet
 from metacontrast.workflows import initialise_encoder
@@ -74,12 +74,25 @@ def test_self_paced_weights_are_the_linear_closed_form():
 
 
 def test_gamma_schedule_at_chosen_epochs():
-    """Linear ramp 2 -> 50 over E = 120 epochs: gamma_start on the first epoch, gamma_end on the last."""
-    assert linear_pace(0, 120, 2.0, 50.0) == 2.0
-    assert linear_pace(119, 120, 2.0, 50.0) == 50.0
-    assert linear_pace(60, 120, 2.0, 50.0) == pytest.approx(2.0 + 48.0 * 60 / 119)
-    assert linear_pace(30, 120, 2.0, 50.0) == pytest.approx(2.0 + 48.0 * 30 / 119)
-    assert linear_pace(0, 1, 2.0, 50.0) == 2.0
+    """Supplement Sec. 4.5 / Eq. 16 with p = 1/2: gamma(t) = 2 + 48 (t/T)^(1/2) over T = 120 epochs, so
+    gamma is 6.4 / 11.8 / 26.0 / 35.9 at t = 1 / 5 / 30 / 60 (a ramp linear in t gives 2.4 / 4.0 / 14.1 / 26.2)."""
+    for t, expected in [(1, 6.38), (5, 11.80), (30, 26.0), (60, 35.94)]:
+        assert power_pace(t, 120, 2.0, 50.0) == pytest.approx(2.0 + 48.0 * (t / 120) ** 0.5)
+        assert power_pace(t, 120, 2.0, 50.0) == pytest.approx(expected, abs=0.01)
+    assert power_pace(0, 120, 2.0, 50.0) == 2.0
+    assert power_pace(120, 120, 2.0, 50.0) == 50.0
+    assert power_pace(30, 120, 2.0, 50.0, power=1.0) == pytest.approx(2.0 + 48.0 * 30 / 120)  # p = 1: linear
+    assert power_pace(0, 1, 2.0, 50.0) == 2.0
+
+
+def test_the_spcl_bundle_ramps_gamma_with_p_one_half(repo_root: Path):
+    """The bundle's schedule is the authors' (p: 0.5), and p is one override away."""
+    config = ConfigParser.load_config_file(str(repo_root / SPCL))
+    assert config["gamma_power"] == 0.5 and config["self_paced"]["power"] == "@gamma_power"
+    parser = ConfigParser()
+    parser.read_config(str(repo_root / SPCL))
+    parser["gamma_power"] = 1.0
+    assert parser.get_parsed_content("self_paced").power == 1.0
 
 
 def test_gamma_moves_once_per_epoch_on_an_engine_and_resumes():
@@ -89,11 +102,11 @@ def test_gamma_moves_once_per_epoch_on_an_engine_and_resumes():
     schedule.attach(engine)
     engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append((e.state.epoch, schedule.gamma)))
     engine.run([0, 1, 2], max_epochs=5)
-    assert seen == [(e, g) for e, g in zip([1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5],
-                                           [2.0] * 3 + [14.0] * 3 + [26.0] * 3 + [38.0] * 3 + [50.0] * 3)]
-    restored = SelfPacedSchedule(gamma_start=9.0, gamma_end=9.0)
+    gammas = [2.0 + 48.0 * (e / 5) ** 0.5 for e in range(5)]
+    assert seen == [(e + 1, gammas[e]) for e in range(5) for _ in range(3)]
+    restored = SelfPacedSchedule(gamma_start=9.0, gamma_end=9.0, power=1.0)
     restored.load_state_dict(schedule.state_dict())
-    assert restored.gamma == 50.0 and restored.total_epochs == 5
+    assert restored.gamma == gammas[-1] and restored.total_epochs == 5 and restored.power == 0.5
 
 
 # -- SPCL loss -------------------------------------------------------------------------------------
@@ -245,7 +258,7 @@ def test_pretrain_on_the_embedded_sample(method: str, repo_root: Path, tmp_path:
         last = sorted(tmp_path.glob("training*.pt"))[-1]
         restored = SelfPacedSchedule()
         restored.load_state_dict(torch.load(last, map_location="cpu", weights_only=True)["self_paced"])
-        assert restored.total_epochs == 2 and restored.epoch == 1 and restored.gamma == 50.0
+        assert restored.total_epochs == 2 and restored.epoch == 1 and restored.gamma == pytest.approx(2.0 + 48.0 * 0.5**0.5)
 
 
 @pytest.mark.slow

@@ -217,3 +217,14 @@ class BatchAugmentation(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independent augmentations of ``images`` ``(B, C, H, W)``, for contrastive pre-training."""
         return self(images, generator=generator)[0], self(images, generator=generator)[0]
+
+    def shared_geometry_views(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of ``images`` ``(B, C, H, W)`` warped by one spatial draw and jittered by two independent
+        intensity draws: pixel (u, v) of both views shows the same anatomy, for dense losses that pair
+        locations of the two views (MACL's Eq. 11)."""
+        b, _, h, w = images.shape
+        grid_dtype = images.dtype if images.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+        warped = warp(images, self.spatial_grid(b, h, w, images.device, grid_dtype, generator), "bilinear")
+        return self.intensity(warped, generator), self.intensity(warped, generator)

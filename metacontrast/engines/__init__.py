@@ -1,7 +1,7 @@
 from .events import MultiLossEvents
 from .grad_filter import GradFilter, pace
 from .grad_mitigator import GradMitigator
-from .self_paced import SelfPacedSchedule, linear_pace
+from .self_paced import SelfPacedSchedule, power_pace
 from .trainer import MultiLossTrainer, NonFiniteLossError
 from .prepare_batch import AugmentedPrepareBatch, TwoViewPrepareBatch
 from .schedules import WarmupCosine, cosine_schedule

@@ -13,8 +13,10 @@ and the update is the mean of the ``g_i'`` (Alg. 1 line 13).  Line 6 of Algorith
 by ``||g_j'|| ||g_j||``; the cosine it names (and Eq. 3's geometry, which makes ``cos(g_i', g_j)`` hit the
 target) needs ``||g_i'|| ||g_j||``.  ``cosine_norm="corrected"`` (default) uses the latter;
 ``"as_printed"`` reproduces the typo for comparison, reading ``g_j'`` as the already-modified gradient
-when ``j < i`` and as ``g_j`` otherwise (the value is clamped to [-1, 1]).  The EMA targets are kept per parameter tensor and ordered pair and are saved in
-checkpoints through ``state_dict``.  Parameters outside ``mitigated_prefixes`` (the projection heads)
+when ``j < i`` and as ``g_j`` otherwise (the value is clamped to [-1, 1]).  Where ``g_i'`` or ``g_j`` is
+exactly zero on a tensor the cosine is undefined, and that (tensor, pair) is skipped: its EMA target is not
+updated and ``g_i'`` is not modified (``last_cosines`` holds NaN there).  The EMA targets are kept per
+parameter tensor and ordered pair and are saved in checkpoints through ``state_dict``.  Parameters outside ``mitigated_prefixes`` (the projection heads)
 get the plain average of the per-label gradients.
 
 Vectorised over parameter tensors: all mitigated gradients are flattened into one (M, P) matrix and
@@ -44,7 +46,7 @@ class GradMitigator:
         beta: EMA weight of the target cosine (0.01 in the paper); must be in (0, 1].
         mitigated_prefixes: parameter-name prefixes treated per tensor by Alg. 1 (the encoder).
         cosine_norm: ``"corrected"`` or ``"as_printed"`` (see the module docstring).
-        eps: guards norms of all-zero gradients.
+        eps: guards the denominator of Eq. 3's step where the target cosine is +-1.
     """
 
     def __init__(self, beta: float = 0.01, mitigated_prefixes: Sequence[str] = ("encoder.",), cosine_norm: str = "corrected",
@@ -93,11 +95,12 @@ class GradMitigator:
                 norm_i, norm_j = sq_norm_i.sqrt(), sq_norms[j].sqrt()
                 dot = segment_sum(g_i * grads[j], segments, num_segments)
                 first_norm = norm_i if self.cosine_norm == "corrected" else modified_sq_norms[j].sqrt()
-                w = (dot / (first_norm * norm_j).clamp_min(self.eps)).clamp(-1.0, 1.0)
-                target = (1 - self.beta) * self.targets[:, i, j] + self.beta * w
+                defined = (norm_i > 0) & (norm_j > 0) & (first_norm > 0)  # (S,) a zero gradient has no direction
+                w = (dot / torch.where(defined, first_norm * norm_j, torch.ones_like(dot))).clamp(-1.0, 1.0)
+                target = torch.where(defined, (1 - self.beta) * self.targets[:, i, j] + self.beta * w, self.targets[:, i, j])
                 self.targets[:, i, j] = target
-                cosines[:, i, j] = w
-                below = w < target
+                cosines[:, i, j] = torch.where(defined, w, torch.full_like(w, float("nan")))
+                below = defined & (w < target)
                 if below.any():
                     sin_target = (1 - target**2).clamp_min(0).sqrt()
                     mu = norm_i * (target * (1 - w**2).clamp_min(0).sqrt() - w * sin_target) / (norm_j * sin_target).clamp_min(self.eps)
@@ -136,14 +139,16 @@ class GradMitigator:
         engine.state.mitigator_summary = self.summary(list(engine.state.per_loss_grads))
 
     def summary(self, loss_names: Sequence[str]) -> dict[str, float]:
-        """Mean over parameter tensors of the last cosine and target of each ordered pair, for logging."""
+        """Mean over parameter tensors of the last cosine and target of each ordered pair, for logging; the
+        cosine's mean skips tensors where it was undefined (and the pair when it was undefined on all)."""
         if self.targets is None or self.last_cosines is None:
             return {}
         out = {}
         for i, a in enumerate(loss_names):
             for j, b in enumerate(loss_names):
                 if i != j:
-                    out[f"cos/{a}-vs-{b}"] = float(self.last_cosines[:, i, j].mean())
+                    if not self.last_cosines[:, i, j].isnan().all():
+                        out[f"cos/{a}-vs-{b}"] = float(self.last_cosines[:, i, j].nanmean())
                     out[f"target/{a}-vs-{b}"] = float(self.targets[:, i, j].mean())
         return out
 

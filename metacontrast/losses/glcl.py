@@ -181,8 +181,10 @@ class LocalContrastiveLoss(nn.Module):
         temperature: tau (0.1 in the paper).
         num_regions: A, regions per feature map (13 in the paper; 9 or 13, see :func:`region_corners`).
         region_size: K (3 in the paper).
-        reduction: a region's vector: its K x K x C values (``"flatten"``, as the authors' code) or their
-            mean over the K x K places (``"mean"``, the C-vector the paper's ``f(u, v)`` suggests).
+        reduction: a region's vector: its K x K x C values (``"flatten"``, as the authors' code, which then
+            maps it by a learned dense layer: the bundle puts that layer in the network as a K x K convolution
+            and calls this loss with K = 1) or their mean over the K x K places (``"mean"``, the C-vector
+            the paper's ``f(u, v)`` suggests).
         key: name of the ``g_2`` output of the network, (V N, C, H, W) for V = 2 views.
         volume_key / partition_key: as :class:`GlobalContrastiveLoss` (used by ``LD``).
     """
