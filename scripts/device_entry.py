@@ -9,8 +9,9 @@ and, as a CPU dry run of the same code (a test in the suite)::
 
     python3 scripts/device_entry.py --plan scripts/device_plans/dry_run.json --data <folder with a slice pack> --out /tmp/out
 
-A plan (JSON) lists ``stages`` -- ``{"name", "argv", "timeout_s", "env"?}``, run in order, each with its own log;
-one that fails or times out is recorded and the next one still runs -- and ``collect`` -- ``{"name", "path",
+A plan (JSON) lists ``stages`` -- ``{"name", "argv", "timeout_s", "env"?, "group"?}``, run in order, each with its own
+log; consecutive stages of one ``group`` run at the same time (small runs that would leave the GPU idle; give each
+its own MLflow store); one that fails or times out is recorded and the next one still runs -- and ``collect`` -- ``{"name", "path",
 "arcname", "exclude"?}``, folders packed as ``<name>.tar.gz`` into ``--out``.  ``argv``, ``env`` and ``path`` may hold
 ``{python}``, ``{data}``, ``{out}``, ``{runs}`` (``--runs``, where the stages write their runs) and ``{repo}``.  ``--budget_s`` bounds the whole run: a stage gets at most what is left less
 ``--reserve_s`` for packing, so the results come back even when the last stage is cut short.  Every stage's
@@ -31,6 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +118,17 @@ def run_stage(stage: dict, fields: dict[str, str], env: dict[str, str], timeout:
     return {"name": stage["name"], "argv": argv, "status": status, "seconds": round(seconds, 2), "log_tail": tail}
 
 
+def batches(stages: list[dict]) -> list[list[dict]]:
+    """Consecutive stages of one ``group`` together, every other stage alone, in plan order."""
+    out: list[list[dict]] = []
+    for stage in stages:
+        if out and stage.get("group") and out[-1][0].get("group") == stage.get("group"):
+            out[-1].append(stage)
+        else:
+            out.append([stage])
+    return out
+
+
 def pack(name: str, folder: Path, arcname: str, exclude: list[str], out: Path) -> list[str]:
     """``<out>/<name>.tar.gz`` of ``folder`` (stored as ``arcname``), split into 16 MiB parts if larger."""
     target = out / f"{name}.tar.gz"
@@ -165,14 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = (REPO / args.runs).resolve()
     fields = {"python": sys.executable, "data": str(data), "out": str(out), "repo": str(REPO), "runs": str(runs)}
     only = {s for s in args.only.split(",") if s}
-    for stage in plan["stages"]:
-        if only and stage["name"] not in only:
-            continue
+    for batch in batches([s for s in plan["stages"] if not only or s["name"] in only]):
         left = args.budget_s - args.reserve_s - (time.monotonic() - start)
         if left < 5:
-            report["stages"].append({"name": stage["name"], "status": "not started: budget spent"})
+            report["stages"] += [{"name": s["name"], "status": "not started: budget spent"} for s in batch]
             continue
-        report["stages"].append(run_stage(stage, fields, env, min(float(stage.get("timeout_s", left)), left), logs))
+        with ThreadPoolExecutor(len(batch)) as pool:
+            report["stages"] += pool.map(lambda s: run_stage(s, fields, env, min(float(s.get("timeout_s", left)), left), logs), batch)
     for item in plan.get("collect", []):
         report["files"] += pack(item["name"], Path(item["path"].format(**fields)), item["arcname"], item.get("exclude", []), out)
     report["files"] += pack("logs", logs, "device_logs", [], out)

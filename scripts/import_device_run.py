@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Merge a device run's returned files into the grid's MLflow store: see ``docs/device.md``.
 
-    python scripts/import_device_run.py --returned /work/.device/<call> --runs_dir runs_paper_scale --dataset acdc
+    python scripts/import_device_run.py --returned /work/.device/<call> --runs_dir runs_paper_scale
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metacontrast.device.importer import import_device_run  # noqa: E402
 
 
-def main(returned: str, runs_dir: str = "runs_paper_scale", dataset: str = "acdc", tracking_uri: str = "") -> None:
-    result = import_device_run(returned, runs_dir, dataset, tracking_uri)
-    print(json.dumps({k: v for k, v in result.items() if k != "unpacked"}, indent=2))
+def main(returned: str, runs_dir: str = "runs_paper_scale") -> None:
+    result = import_device_run(returned, runs_dir)
+    print(json.dumps(result["stores"], indent=2))
     print(f"{len(result['unpacked'])} files unpacked under {runs_dir}")
 
 

@@ -81,7 +81,7 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
     assert {"runs.tar.gz", "logs.tar.gz"} <= set(report["files"])
 
     imported = subprocess.run(
-        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home), "--dataset", "sample"],
+        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home)],
         cwd=repo_root, capture_output=True, text=True, timeout=600,
     )
     assert imported.returncode == 0, imported.stderr[-3000:]
@@ -93,8 +93,26 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
     assert (home / "sample" / "device_mlruns.db").is_file()
 
     again = subprocess.run(
-        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home), "--dataset", "sample"],
+        [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home)],
         cwd=repo_root, capture_output=True, text=True, timeout=600,
     )
     assert '"copied": 0' in again.stdout and '"skipped": 2' in again.stdout
     assert len(completed_runs(uri, "metacontrast-sample", {"workflow": "pretrain", "method": "gcl"})) == 1
+
+
+def test_stages_of_a_group_run_together_and_a_failure_does_not_stop_the_plan(repo_root: Path, tmp_path: Path) -> None:
+    """Stage ``a`` waits for the file stage ``b`` writes: only concurrent runs let both finish; ``c`` fails alone."""
+    wait = "import pathlib, sys, time\nfor _ in range(200):\n    if pathlib.Path(sys.argv[1]).exists(): sys.exit(0)\n    time.sleep(0.1)\nsys.exit(3)"
+    plan = {"stages": [
+        {"name": "a", "group": "g", "timeout_s": 60, "argv": ["{python}", "-c", wait, "{out}/from_b"]},
+        {"name": "b", "group": "g", "timeout_s": 60, "argv": ["{python}", "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()", "{out}/from_b"]},
+        {"name": "c", "timeout_s": 60, "argv": ["{python}", "-c", "import sys; sys.exit(5)"]},
+        {"name": "d", "timeout_s": 60, "argv": ["{python}", "-c", "print('after the failure')"]},
+    ], "collect": []}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    done = subprocess.run([sys.executable, "scripts/device_entry.py", "--plan", str(tmp_path / "plan.json"), "--data", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=repo_root, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "out" / "device_report.json").read_text())
+    assert {s["name"]: s["status"] for s in report["stages"]} == {"a": "ok", "b": "ok", "c": "failed (rc 5)", "d": "ok"}
+    assert done.returncode == 1  # some stage failed
+    assert "logs.tar.gz" in report["files"]

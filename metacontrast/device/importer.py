@@ -1,10 +1,10 @@
 """Bring a device run home: unpack its returned archives and merge its MLflow runs into the grid's store.
 
-The device writes its runs into its own store (``<runs>/<dataset>/mlruns.db`` there).  Here
-:func:`import_device_run` unpacks the returned ``runs.tar.gz`` (parts joined) under ``runs_dir``, keeps the
-device's store beside the grid's as ``<runs_dir>/<dataset>/device_mlruns.db`` (carried back to the device
-next time, so an interrupted pre-training resumes in the same run), and copies every run of it into the
-grid's store: tags, params, the full history of every metric, artifacts, status and times.  A copied run
+The device writes its runs into its own stores (``<runs>/<dataset>/mlruns.db`` there, or one per run of a
+parallel stage group).  Here :func:`import_device_run` unpacks the returned ``runs.tar.gz`` (parts joined) under
+``runs_dir``, keeps each device store as ``device_mlruns.db`` where it was (carried back to the device next time,
+so an interrupted pre-training resumes in the same run), and copies every run of it into the grid's store of
+its top folder (``<runs_dir>/<dataset>/mlruns.db``): tags, params, the full history of every metric, artifacts, status and times.  A copied run
 carries the tag ``device_source_run`` (the device's run id); importing again skips runs already copied
 and finished, and replaces a copy of a run that was still running, so the import is idempotent.
 ``run_grid.py`` and the results runner then see these runs like any other.
@@ -87,39 +87,46 @@ def merge_store(source_uri: str, target_uri: str) -> dict[str, int]:
     return counts
 
 
-def import_device_run(returned: str | Path, runs_dir: str | Path, dataset: str, tracking_uri: str = "") -> dict[str, Any]:
-    """Unpack ``returned``'s ``runs`` archive under ``runs_dir`` and merge the device's store into the grid's.
+def import_device_run(returned: str | Path, runs_dir: str | Path) -> dict[str, Any]:
+    """Unpack ``returned``'s ``runs`` archive under ``runs_dir`` and merge every device store into its grid store.
+
+    A device store ``runs/<top>/.../mlruns.db`` in the archive (one per dataset, or one per run of a parallel
+    stage group) is kept as ``<runs_dir>/<top>/.../device_mlruns.db`` and merged into ``<runs_dir>/<top>/mlruns.db``,
+    the store ``run_grid.py --runs_dir <runs_dir> --dataset <top>`` reads.
 
     Args:
         returned: the folder the device's files came back in (``runs.tar.gz`` or its parts, ``logs.tar.gz``,
             ``device_report.json``).
         runs_dir: where the grid keeps this scale's runs (e.g. ``runs_paper_scale``).
-        dataset: the dataset the device ran (its store is ``runs/<dataset>/mlruns.db`` in the archive).
-        tracking_uri: the grid's store (default ``sqlite:///<runs_dir>/<dataset>/mlruns.db``).
 
     Returns:
-        The counts of :func:`merge_store`, the files unpacked, and the store URIs.
+        ``{"stores": {target URI: counts of merge_store}, "unpacked": [files]}``.
     """
     returned, runs_dir = Path(returned), Path(runs_dir)
     archive = join_parts(returned, "runs")
     if archive is None:
         raise FileNotFoundError(f"{returned} holds no runs.tar.gz (nor its parts): nothing to import")
-    target_uri = tracking_uri or f"sqlite:///{(runs_dir / dataset / 'mlruns.db').resolve()}"
-    device_store = runs_dir / dataset / "device_mlruns.db"
-    unpacked = []
+    unpacked, stores = [], {}
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
         root = Path(tmp) / "runs"
-        store = root / dataset / "mlruns.db"
-        if not store.is_file():
-            raise FileNotFoundError(f"{archive} holds no runs/{dataset}/mlruns.db: not a device run of {dataset}")
+        found = sorted(root.rglob("mlruns.db"))
+        if not found:
+            raise FileNotFoundError(f"{archive} holds no runs/<name>/mlruns.db: not a device run")
         for path in sorted(root.rglob("*")):
-            if path.is_file() and path != store and "mlartifacts" not in path.parts:  # artifacts go through the store
-                dest = runs_dir / path.relative_to(root)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-                unpacked.append(str(dest))
-        device_store.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(store, device_store)
-    counts = merge_store(f"sqlite:///{device_store.resolve()}", target_uri)
-    return {**counts, "unpacked": unpacked, "device_store": str(device_store), "tracking_uri": target_uri}
+            if not path.is_file() or "mlartifacts" in path.parts:  # artifacts go through the store
+                continue
+            rel = path.relative_to(root)
+            dest = runs_dir / (rel.with_name("device_mlruns.db") if path.name == "mlruns.db" else rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+            unpacked.append(str(dest))
+        for store in found:
+            rel = store.relative_to(root)
+            kept = runs_dir / rel.with_name("device_mlruns.db")
+            target = f"sqlite:///{(runs_dir / rel.parts[0] / 'mlruns.db').resolve()}"
+            counts = merge_store(f"sqlite:///{kept.resolve()}", target)
+            total = stores.setdefault(target, {"copied": 0, "skipped": 0, "replaced": 0})
+            for key, value in counts.items():
+                total[key] += value
+    return {"stores": stores, "unpacked": unpacked}
