@@ -121,3 +121,25 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
     rows = [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ")][2:]
     assert rows == ["random", "gcl", "chance"]
     assert " ± " in lines[4] and lines[4].endswith("| 2 |")
+
+
+def test_write_results_tables_the_probe_runs_of_its_store(tmp_path: Path) -> None:
+    from metacontrast.workflows.results import write_results
+    from metacontrast.workflows.tracking import start_run
+
+    def log(tags: dict, metrics: dict) -> None:
+        run = start_run("", "grid", "run", {"dataset": "acdc", **tags}, tmp_path / "store")
+        run.log_metrics(metrics)
+        run.end()
+
+    log({"workflow": "evaluate", "method": "random", "num_labeled": 1, "seed": 0}, {"test_dice_mean": 0.5})
+    assert "probes" not in write_results("", "acdc", tmp_path / "before", output_dir=tmp_path / "store")
+    for method, seed, quantile in (("gcl", 0, 0.6), ("random", 0, 0.2), ("random", 1, 0.3), ("gcl", 1, 0.7)):
+        log({"workflow": "probe", "method": method, "seed": seed},
+            {"probe_knn_slice_quantile": quantile, "probe_chance_slice_quantile": 0.25, "probe_frozen_L1_test_dice": 0.1})
+    paths = write_results("", "acdc", tmp_path / "after", output_dir=tmp_path / "store")
+    lines = paths["probes"].read_text().splitlines()
+    assert lines[2] == "| Encoder | slice quantile k-NN | frozen Dice L=1 test | Seeds |"
+    assert lines[4] == "| random | 0.250 ± 0.050 | 0.100 ± 0.000 | 2 |"
+    assert lines[5] == "| gcl | 0.650 ± 0.050 | 0.100 ± 0.000 | 2 |"
+    assert lines[6] == "| chance | 0.250 |  | |"
