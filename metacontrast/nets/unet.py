@@ -104,8 +104,21 @@ class SegmentationUNet(UNet):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in keys}
 
     def freeze_encoder(self) -> None:
+        """Stop gradients to the encoder blocks (so an optimiser built from the parameters that require
+        them leaves the encoder out) and keep those blocks in eval mode from now on, whatever ``train()``
+        later asks: a batch norm's running statistics and a dropout stay as they were pre-trained."""
         for block in self.encoder_blocks():
             block.requires_grad_(False)
+        self._encoder_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> SegmentationUNet:
+        """``nn.Module.train``, except that a frozen encoder (:meth:`freeze_encoder`) stays in eval mode."""
+        super().train(mode)
+        if getattr(self, "_encoder_frozen", False):
+            for block in self.encoder_blocks():
+                block.train(False)
+        return self
 
 
 class UNetEncoder(SegmentationUNet):

@@ -13,7 +13,9 @@
 * ``paper_comparison.md``: each method's gain over random init fine-tuned with the same recipe beside the
   papers' gains;
 * ``ablations.md``: each variant (``gcl/no_filter@improved``) or add-on (``gcl+mean_teacher@improved``)
-  against its full method, beside the paper's matching difference.
+  against its full method, beside the paper's matching difference;
+* ``probes.md``: the representation probes of every encoder in the store (``workflow=probe`` runs,
+  :mod:`metacontrast.workflows.probe_results`), when there are any.
 
 Gains are paired by seed: a seed draws the same labelled volumes for every method, so the per-seed
 difference removes the draw's effect, which at L = 1 moves Dice more than any method does; a gain is
@@ -408,7 +410,8 @@ def write_results(
     output_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``evaluate_runs.csv``, ``table.md``, ``dice_vs_L.png``, ``paper_comparison.md``, ``ablations.md``
-    and ``runs.json`` for ``dataset`` into ``out_dir``.
+    and ``runs.json`` for ``dataset`` into ``out_dir``, and ``probes.md`` when the store holds probe runs
+    (:func:`metacontrast.workflows.probe_results.write_probe_table`).
 
     Args:
         tracking_uri: the MLflow store the grid logged to (empty: ``<output_dir>/mlruns.db``).
@@ -422,7 +425,7 @@ def write_results(
         output_dir: the local store's folder, for an empty ``tracking_uri`` or a server outage.
 
     Returns:
-        ``{"csv", "table", "plot", "comparison", "ablations", "runs"}``: the paths written.
+        ``{"csv", "table", "plot", "comparison", "ablations", "runs"}`` (and ``"probes"``): the paths written.
 
     Raises:
         LookupError: no finished evaluate run of ``dataset`` (and ``methods``) in the store.
@@ -445,6 +448,11 @@ def write_results(
     with atomic_write(paths["runs"]) as handle:
         json.dump(run_configs(tracking_uri, dataset, experiment_name, output_dir), handle, indent=1, sort_keys=True)
         handle.write("\n")
+    from .probe_results import write_probe_table  # it imports this module's table helpers
+
+    probes = write_probe_table(tracking_uri, dataset, out, experiment_name=experiment_name, output_dir=output_dir)
+    if probes is not None:
+        paths["probes"] = probes
     return paths
 
 
