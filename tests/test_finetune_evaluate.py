@@ -228,6 +228,24 @@ def test_metrics_recomputed_from_predictions_equal_csv_and_mlflow(
 
 
 @pytest.mark.slow
+def test_last_checkpoint_scored_beside_the_best(
+    finetuned: dict[str, Any], store: tuple[MlflowClient, dict[str, Any]], repo_root: Path
+) -> None:
+    """evaluate scores model_final.pt (the last weights) as test_last_*, from its own predictions."""
+    manifest, out = finetuned["manifest"], finetuned["output_dir"]
+    assert (out / "model_final.pt").is_file()
+    recomputed = score_saved_predictions(
+        manifest["test"], repo_root / SAMPLE_DIR, manifest["labels"], out / "evaluation_last" / "predictions"
+    )
+    logged = store[1]["evaluate"].data.metrics
+    assert same(logged["test_last_dice_mean"], float(np.mean([float(r["dice_mean"]) for r in recomputed])))
+    assert logged["test_last_n_volumes"] == len(manifest["test"])
+    best, last = (torch.load(out / name, weights_only=True) for name in ("model.pt", "model_final.pt"))
+    if any(not torch.equal(best[k], last[k]) for k in best):  # different models: scored apart
+        assert _read_csv(out / "evaluation" / "metrics.csv") != _read_csv(out / "evaluation_last" / "metrics.csv")
+
+
+@pytest.mark.slow
 def test_evaluate_run_tags_and_status(store: tuple[MlflowClient, dict[str, Any]], finetuned: dict[str, Any]) -> None:
     client, runs = store
     for workflow in ("finetune", "evaluate"):
@@ -237,7 +255,7 @@ def test_evaluate_run_tags_and_status(store: tuple[MlflowClient, dict[str, Any]]
         assert tags["workflow"] == workflow
         assert (tags["method"], tags["dataset"], tags["num_labeled"], tags["seed"]) == ("random", "sample", "1", "0")
     artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id)}
-    assert {"metrics.csv", "summary.json"} <= artifacts
+    assert {"metrics.csv", "summary.json", "evaluation_last"} <= artifacts
     assert "model.pt" in {a.path for a in client.list_artifacts(runs["finetune"].info.run_id)}
 
 
@@ -381,6 +399,32 @@ def test_finetune_starts_from_gcl_encoder(
     (run,) = client.search_runs([client.get_experiment_by_name("metacontrast-sample").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["pretrained_ckpt"] == str(gcl_encoder) and run.data.tags["method"] == "gcl"
+
+
+def test_encoder_lr_scale_slows_only_the_encoder() -> None:
+    """One Adam step moves every weight by about its group's learning rate: encoder blocks by
+    learning_rate * encoder_lr_scale, the decoder by learning_rate; scale 1.0 is today's single group."""
+    from metacontrast.workflows import parameter_groups
+
+    torch.manual_seed(0)
+    network = SegmentationUNet(in_channels=1, out_channels=3, features=TINY)
+    assert isinstance(parameter_groups(network, 1e-3, 1.0)[0], torch.nn.Parameter)
+    groups = parameter_groups(network, 1e-3, 0.1)
+    assert [g["lr"] for g in groups] == [pytest.approx(1e-4), 1e-3]
+    assert sum(len(g["params"]) for g in groups) == len(list(network.parameters()))
+    encoder = {id(p) for block in network.encoder_blocks() for p in block.parameters()}
+    before = {name: p.detach().clone() for name, p in network.named_parameters()}
+    optimizer = torch.optim.Adam(groups, lr=1e-3)
+    network(torch.randn(2, 1, 32, 32)).square().mean().backward()
+    optimizer.step()
+    steps = {True: [], False: []}
+    for name, p in network.named_parameters():
+        steps[id(p) in encoder].append(float((p.detach() - before[name]).abs().max()))
+    assert max(steps[True]) <= 1.0001e-4 < max(steps[False]) <= 1.0001e-3
+    with pytest.raises(ConfigError, match="encoder_lr_scale"):
+        from metacontrast.workflows.data import check_settings
+
+        check_settings({"encoder_lr_scale": 0.0})
 
 
 @pytest.mark.slow

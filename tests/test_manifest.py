@@ -131,7 +131,7 @@ def test_acdc_counts_and_organ_state(fresh: Callable[[str], Path], acdc_dir: Pat
     assert len(entries) == 180
     assert len({e["patient_id"] for e in entries}) == 90
     patients = {split: len({e["patient_id"] for e in manifest[split]}) for split in SPLITS}
-    assert patients == {"test": 20, "val": 1, "train": 20, "pretrain": 49}
+    assert patients == {"test": 20, "val": 5, "train": 20, "pretrain": 45}
     for entry in entries:
         info = parse_info_cfg(acdc_dir / entry["patient_id"] / "Info.cfg")
         frame = int(entry["image"].split("_frame")[1][:2])
@@ -145,7 +145,7 @@ def test_acdc_counts_and_organ_state(fresh: Callable[[str], Path], acdc_dir: Pat
 def test_hippocampus_counts(fresh: Callable[[str], Path]) -> None:
     manifest = _load(fresh("hippocampus"))
     assert len(_entries(manifest)) == 190
-    assert {split: len(manifest[split]) for split in SPLITS} == {"test": 40, "val": 2, "train": 40, "pretrain": 108}
+    assert {split: len(manifest[split]) for split in SPLITS} == {"test": 40, "val": 10, "train": 40, "pretrain": 100}
     assert {e["organ_state"] for e in _entries(manifest)} == {"none"}
 
 
@@ -172,6 +172,17 @@ def test_assign_splits_is_deterministic_and_checks_counts() -> None:
     assert len(limited) == 14
     with pytest.raises(ValueError, match="more patients"):
         assign_splits(patients, SplitCounts(test=20, val=5, train=10))
+
+
+def test_val_size_moves_no_test_or_train_patient() -> None:
+    """val is taken after test and train: growing it only takes patients from pretrain."""
+    patients = [f"p{i:03d}" for i in range(30)]
+    small = assign_splits(patients, SplitCounts(test=5, val=1, train=6))
+    large = assign_splits(patients, SplitCounts(test=5, val=6, train=6))
+    for split in ("test", "train"):
+        assert {p for p, s in small.items() if s == split} == {p for p, s in large.items() if s == split}
+    grown = {p for p, s in large.items() if s == "val"} - {p for p, s in small.items() if s == "val"}
+    assert len(grown) == 5 and all(small[p] == "pretrain" for p in grown)
 
 
 # ---------------------------------------------------------------------------- broken copies

@@ -21,8 +21,9 @@ Splits
     Fixed by patient, so no patient is in two splits.  Patients are ordered by
     ``sha256(f"{seed}:{patient_id}")`` (a seeded permutation that does not depend on any library's
     random stream, with ``seed`` = :data:`SPLIT_SEED` = 0 unless given), then the first ``test``
-    patients go to ``test``, the next ``val`` to ``val``, the next ``train`` to ``train`` and the
-    rest (or ``pretrain`` of them when given) to ``pretrain``.  Splits are assigned over every
+    patients go to ``test``, the next ``train`` to ``train``, the next ``val`` to ``val`` and the
+    rest (or ``pretrain`` of them when given) to ``pretrain``.  ``val`` comes after ``test`` and
+    ``train``, so changing its size never moves a test or train patient (only pretrain ones).  Splits are assigned over every
     patient found, *before* validation, so a case that is skipped leaves a gap in its split
     instead of reshuffling everyone else; fixing the case later puts it back where it was.
 
@@ -148,8 +149,10 @@ class SplitCounts:
 
 
 DEFAULT_COUNTS: dict[str, SplitCounts] = {
-    "acdc": SplitCounts(test=20, val=1, train=20),  # val: 1 patient = 2 volumes (ED, ES)
-    "msd": SplitCounts(test=40, val=2, train=40),
+    # val: enough volumes for best-by-validation selection to mean something (ACDC 5 patients = 10
+    # volumes, ED and ES; hippocampus 10 cases), held out of pre-training like test and train.
+    "acdc": SplitCounts(test=20, val=5, train=20),
+    "msd": SplitCounts(test=40, val=10, train=40),
     "dicom": SplitCounts(test=1, val=0, train=1),
 }
 
@@ -378,7 +381,7 @@ def assign_splits(
         raise ValueError(
             f"split counts {counts} ask for more patients than the {len(unique)} found (or are negative)"
         )
-    sizes = (("test", counts.test), ("val", counts.val), ("train", counts.train), ("pretrain", pretrain))
+    sizes = (("test", counts.test), ("train", counts.train), ("val", counts.val), ("pretrain", pretrain))
     assignment, start = {}, 0
     for split, size in sizes:
         assignment.update({pid: split for pid in ordered[start : start + size]})
@@ -617,8 +620,8 @@ def build_acdc_manifest(
     Args:
         dataset_dir: the ACDC ``training`` folder (or any folder of ``patientNNN/``).
         name: manifest name.
-        counts: patients per split; default :data:`DEFAULT_COUNTS` ``["acdc"]`` (test 20, val 1,
-            train 20, pretrain the rest).
+        counts: patients per split; default :data:`DEFAULT_COUNTS` ``["acdc"]`` (test 20, train 20,
+            val 5, pretrain the rest).
         seed: split seed.
         skip_bad: skip (and report) bad cases instead of raising.
         preprocessing: overrides :data:`DEFAULT_PREPROCESSING` ``["acdc"]``.
@@ -644,7 +647,7 @@ def build_msd_manifest(
         dataset_dir: the task folder.
         name: manifest name.
         labels: ``{"0": "background", ...}``; default from ``dataset.json``, else hippocampus.
-        counts: patients per split; default test 40, val 2, train 40, pretrain the rest.
+        counts: patients per split; default test 40, train 40, val 10, pretrain the rest.
         seed, skip_bad, preprocessing: as for :func:`build_acdc_manifest`.
     """
     root = _dataset_dir(dataset_dir)

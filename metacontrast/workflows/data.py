@@ -234,6 +234,7 @@ _SETTING_RULES: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("num_labeled",), "L", lambda v: v >= 1, ">= 1"),
     (("batch_size",), "batch size", lambda v: v >= 1, ">= 1"),
     (("learning_rate",), "learning rate", lambda v: v > 0, "> 0"),
+    (("encoder_lr_scale",), "encoder learning-rate scale", lambda v: v > 0, "> 0 (freeze_encoder True freezes the encoder)"),
 )
 
 
@@ -241,7 +242,8 @@ def check_settings(settings: Mapping[str, Any]) -> Mapping[str, Any]:
     """Check a workflow's hyper-parameters before anything is trained; a bad value is a :class:`ConfigError`.
 
     Checks (where the key is present): S (``num_partitions``) >= 1, tau (``temperature``) > 0,
-    K (``top_k``) in (0, 1], beta in (0, 1], L (``num_labeled``) >= 1, batch size >= 1, learning rate > 0.
+    K (``top_k``) in (0, 1], beta in (0, 1], L (``num_labeled``) >= 1, batch size >= 1, learning rate > 0,
+    ``encoder_lr_scale`` > 0.
     The checks that need the data -- meta labels known to the manifest, L no larger than the labelled
     pool -- are made when the data are set up (:class:`PretrainData`, :class:`FinetuneData`), and the
     pre-trained encoder's fit when it is loaded (``PretrainedWeightsMismatch``).  All of them run before

@@ -138,26 +138,42 @@ def run_evaluation(
     max_volumes: int = 0,
     preprocessing_overrides: Mapping | None = None,
     device: str = "cpu",
+    last_ckpt: str = "",
 ) -> dict[str, Any]:
-    """The evaluate workflow: load ``ckpt`` (weights only), score ``split``, log everything to MLflow."""
+    """The evaluate workflow: load ``ckpt`` (weights only), score ``split``, log everything to MLflow.
+
+    ``ckpt`` (the fine-tune's best-by-validation ``model.pt``) is logged as ``<split>_dice_mean`` ...
+    with its outputs in ``evaluation/``.  When ``last_ckpt`` names a file (the fine-tune's last weights,
+    ``model_final.pt``) it is scored too, logged as ``<split>_last_dice_mean`` ..., outputs in
+    ``evaluation_last/``: with few validation volumes the best-by-validation choice is itself noisy, and
+    the two side by side show how much the selection moved the result.  Returns the summary of ``ckpt``.
+    """
     from .checkpoints import load_checkpoint, state_dict_of
     from .data import cap, preprocessing_settings, read_manifest
     from .metrics import flatten_summary
 
     manifest = read_manifest(datalist)
-    network.load_state_dict(state_dict_of(load_checkpoint(ckpt), ckpt))
-    out = Path(output_dir) / "evaluation"
-    rows, summary = evaluate_split(
-        network, cap(manifest[split], max_volumes), dataset_dir, preprocessing_settings(manifest, preprocessing_overrides, dataset),
-        manifest["labels"], out, device,
-    )
-    tracking.log_metrics(flatten_summary(summary, prefix=split))
-    for name in ("metrics.csv", "summary.json"):
-        tracking.log_artifact(out / name)
+    entries = cap(manifest[split], max_volumes)
+    settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
+    scored = [(ckpt, split, "evaluation", None)]  # (checkpoint, metric prefix, output folder, artifact folder)
+    if last_ckpt and Path(last_ckpt).is_file():
+        scored.append((last_ckpt, f"{split}_last", "evaluation_last", "evaluation_last"))
+    elif last_ckpt:
+        print(f"evaluate: no last checkpoint {last_ckpt}; only {ckpt} is scored")
+    summaries = []
+    for path, prefix, folder, artifact_folder in scored:
+        network.load_state_dict(state_dict_of(load_checkpoint(path), path))
+        out = Path(output_dir) / folder
+        rows, summary = evaluate_split(network, entries, dataset_dir, settings, manifest["labels"], out, device)
+        tracking.log_metrics(flatten_summary(summary, prefix=prefix))
+        for name in ("metrics.csv", "summary.json"):
+            tracking.log_artifact(out / name, artifact_path=artifact_folder)
+        mean = summary["mean"]
+        print(
+            f"evaluate {Path(path).name}: {len(rows)} {split} volumes, Dice {mean['dice']['mean']:.3f} +- {mean['dice']['std']:.3f}, "
+            f"HD95 {mean['hd95']['mean']:.2f} mm, ASD {mean['asd']['mean']:.2f} mm; outputs in {out}"
+        )
+        summaries.append(summary)
     tracking.end()
-    mean = summary["mean"]
-    print(
-        f"evaluate finished: {len(rows)} {split} volumes, Dice {mean['dice']['mean']:.3f} +- {mean['dice']['std']:.3f}, "
-        f"HD95 {mean['hd95']['mean']:.2f} mm, ASD {mean['asd']['mean']:.2f} mm; outputs in {out}; MLflow run {tracking.run_id}"
-    )
-    return summary
+    print(f"evaluate finished; MLflow run {tracking.run_id}")
+    return summaries[0]

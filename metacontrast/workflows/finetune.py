@@ -1,11 +1,36 @@
-"""The end of a fine-tuning run: which checkpoint is the result, what is logged, where it is."""
+"""Fine-tuning pieces the config does not say in one line: the optimiser's parameter groups, and the end
+of a run (which checkpoint is the result, what is logged, where it is)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
+from torch import nn
+
+from ..nets.unet import SegmentationUNet
 from .tracking import TrackingRun
+
+
+def parameter_groups(network: SegmentationUNet, learning_rate: float, encoder_lr_scale: float = 1.0) -> list[Any]:
+    """The trainable parameters for the optimiser: the encoder blocks at ``learning_rate * encoder_lr_scale``,
+    everything else (decoder, output layer) at ``learning_rate``.
+
+    ``encoder_lr_scale`` 1.0 gives one plain list, the optimiser of every earlier run.  The encoder is the
+    network's structural encoder (:meth:`SegmentationUNet.encoder_blocks`) whatever the initialisation, so
+    random init under the same recipe is optimised alike and a method's gain stays a gain of its weights.
+    Frozen parameters (``freeze_encoder``) are left out.
+    """
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    if encoder_lr_scale == 1.0:
+        return trainable
+    encoder = {id(p) for block in network.encoder_blocks() for p in block.parameters()}
+    groups = [
+        {"params": [p for p in trainable if id(p) in encoder], "lr": learning_rate * encoder_lr_scale},
+        {"params": [p for p in trainable if id(p) not in encoder], "lr": learning_rate},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def finalise_finetune(tracking: TrackingRun, output_dir: str, has_validation: bool) -> Path:
