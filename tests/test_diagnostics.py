@@ -103,38 +103,84 @@ def test_measure_leaves_network_and_loss_as_they_were():
     assert -1.0 <= metrics["embedding_cosine/encoder"] <= 1.0
 
 
-@pytest.mark.slow
-def test_gcl_run_logs_the_diagnostics_and_follows_the_same_trajectory(repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A 2-iteration GCL pre-training on the embedded sample: the yardsticks, spread and gradient norms land in
-    the MLflow run, the collapse warning fires once, and the encoder equals that of a run that never measures."""
-    from metacontrast.workflows.tracking import _client
-
-    monkeypatch.chdir(repo_root)
+@pytest.fixture(scope="module")
+def gcl_runs(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two 2-iteration GCL pre-trainings on the embedded sample: one measuring every iteration (collapse_cosine
+    -1, so the warning must fire), one never measuring."""
+    root = tmp_path_factory.mktemp("diagnostics")
+    from tests.helpers import in_repo
 
     def pretrain(name: str, **overrides) -> Path:
-        out = tmp_path / name
-        run_bundle(config_file=GCL_PRETRAIN, features=TINY, output_dir=str(out), cache_dir=str(tmp_path / "cache"),
+        out = root / name
+        run_bundle(config_file=GCL_PRETRAIN, features=TINY, output_dir=str(out), cache_dir=str(root / "cache"),
                    tracking_uri=f"sqlite:///{(out / 'mlruns.db').resolve()}", max_iterations=2, num_threads=1, device="cpu",
                    **overrides)
         return out
 
-    with warnings.catch_warnings(record=True) as caught:
+    with in_repo(repo_root), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         measured = pretrain("measured", diagnostics_interval=1, collapse_cosine=-1.0)
-    collapse = [w for w in caught if "near collapse" in str(w.message)]
-    assert len(collapse) == 1
-    plain = pretrain("plain", diagnostics_interval=10**6)
+        collapse = [w for w in caught if "near collapse" in str(w.message)]
+        plain = pretrain("plain", diagnostics_interval=10**6)
+    return {"measured": measured, "plain": plain, "collapse_warnings": len(collapse)}
 
-    client = _client(f"sqlite:///{(measured / 'mlruns.db').resolve()}")
-    (run,) = client.search_runs([client.get_experiment_by_name("metacontrast-sample").experiment_id])
+
+def _run(out: Path):
+    from metacontrast.workflows.pictures import RunStore
+
+    store = RunStore(f"sqlite:///{(out / 'mlruns.db').resolve()}", "sample")
+    (run,) = store.runs("pretrain")
+    return store, run
+
+
+@pytest.mark.slow
+def test_gcl_run_logs_the_diagnostics(gcl_runs: dict):
+    """The yardsticks, spread and gradient norms land in the MLflow run beside GradMitigator's cosines; the
+    collapse warning fires once."""
+    assert gcl_runs["collapse_warnings"] == 1
+    _, run = _run(gcl_runs["measured"])
     metrics = run.data.metrics
-    labels = ["patient_id", "slice_quantile"]
-    for label in labels:
+    for label in ["patient_id", "slice_quantile"]:
         assert metrics[f"train_img/{label}/chance"] > metrics[f"train_img/{label}/min"] >= 0
         assert metrics[f"train_grad_norm/img/{label}"] > 0 and metrics[f"train_grad_norm/pix/{label}"] > 0
     assert -1 <= metrics["train_embedding_cosine/encoder"] <= 1 and "train_embedding_cosine/img" in metrics
     assert "train_cos/patient_id-vs-slice_quantile" in metrics  # GradMitigator's, kept
 
+
+@pytest.mark.slow
+def test_measuring_does_not_change_the_trajectory(gcl_runs: dict):
     weights = lambda out: torch.load(out / "encoder.pt", map_location="cpu", weights_only=True)["state_dict"]  # noqa: E731
-    a, b = weights(measured), weights(plain)
+    a, b = weights(gcl_runs["measured"]), weights(gcl_runs["plain"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_curves_draw_the_joint_optimum_of_matching_settings(gcl_runs: dict, tmp_path: Path):
+    from PIL import Image
+
+    from metacontrast.workflows.pictures import PANEL_PX, joint_optimum_for, metric_families, plot_pretrain_curves
+
+    store, run = _run(gcl_runs["measured"])
+    optimum = {"temperature": 0.1, "batch_size": 48, "terms": {"img/patient_id": {"chance": 4.5, "min": 2.0, "joint": 3.0}}}
+    assert joint_optimum_for(run, optimum) == optimum["terms"]
+    assert joint_optimum_for(run, {**optimum, "temperature": 0.07}) == {}  # computed for other settings: not drawn
+    path = plot_pretrain_curves(store, run, tmp_path / "curves.png", optimum)
+    panels = len(metric_families(list(run.data.metrics)))
+    assert {"train_img", "train_grad_norm", "train_embedding_cosine"} <= set(metric_families(list(run.data.metrics)))
+    width, height = Image.open(path).size
+    assert width == min(panels, 3) * PANEL_PX[0] and height == -(-panels // 3) * PANEL_PX[1]
+
+
+def test_free_embeddings_reach_the_single_label_minimum_and_the_joint_optimum_costs():
+    """2 patients x 2 slices, quantile crossing patient: alone, patient ID reaches log 3 (its bound); jointly
+    both terms stay above what each reaches alone, since one embedding cannot group by both."""
+    from metacontrast.workflows.joint_optimum import evaluate_terms, optimise_free_embeddings
+
+    meta = {"patient_id": PATIENT, "slice_quantile": torch.tensor([0, 1, 0, 1])}
+    batches = [[0, 1, 2, 3]]
+    alone = {m: evaluate_terms(optimise_free_embeddings(meta, batches, [m], 0.1, 8, 400, 0.05), meta, batches, [m], 0.1)[m]
+             for m in meta}
+    assert alone["patient_id"] == pytest.approx(math.log(3), abs=1e-3)
+    assert alone["slice_quantile"] == pytest.approx(math.log(3), abs=1e-3)
+    joint = evaluate_terms(optimise_free_embeddings(meta, batches, list(meta), 0.1, 8, 400, 0.05), meta, batches, list(meta), 0.1)
+    assert all(joint[m] > alone[m] + 0.1 for m in meta)
