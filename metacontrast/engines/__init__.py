@@ -1,3 +1,4 @@
+from .diagnostics import PretrainDiagnostics
 from .events import MultiLossEvents
 from .grad_filter import GradFilter, pace
 from .grad_mitigator import GradMitigator

@@ -14,6 +14,7 @@ from torch import nn
 from ..nets.heads import pooled_embedding
 from .contrastive import meta_label_positive_mask, multi_positive_info_nce, positive_mask, view_ids
 from .pixel_contrastive import PixelContrastiveLoss, masked_pair_mean
+from .yardsticks import yardstick_terms
 
 
 class GCLLoss(nn.Module):
@@ -27,6 +28,9 @@ class GCLLoss(nn.Module):
         pixel_weight: lambda on the pixel term; the paper sums the two terms (1.0).  A gap the paper left:
             at initialisation the pixel term's gradient on the encoder is ~28x the image term's (issue 18).
         image_key / pixel_key: names of the ``h_img`` and ``h_pix`` outputs of the network.
+
+    ``last_terms`` holds each term's value and, per image term, its chance level and minimum for the batch
+    (:mod:`~metacontrast.losses.yardsticks`).
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class GCLLoss(nn.Module):
         self.pixel_weight = float(pixel_weight)
         self.image_key, self.pixel_key = image_key, pixel_key
         self.last_terms: dict[str, float] = {}
+        self.record_components = False  # set by PretrainDiagnostics: keep each term as a tensor in last_components
+        self.last_components: dict[str, torch.Tensor] = {}
 
     def forward(self, outputs: Mapping[str, torch.Tensor], meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """
@@ -64,7 +70,7 @@ class GCLLoss(nn.Module):
         masks = {m: meta_label_positive_mask(meta[m].to(z.device)) for m in self.meta_labels}
         if not masks:
             masks = {"views": positive_mask(view_ids(num_slices, z.device))}
-        objectives, terms = {}, {}
+        objectives, terms, components = {}, {}, {}
         if self.pixel_loss is not None:  # every pair's value is shared by the meta labels: evaluate the union once
             union = torch.stack(list(masks.values())).any(dim=0)
             pair_losses = self.pixel_loss.pair_losses(outputs[self.pixel_key], outputs[self.image_key], union)
@@ -72,11 +78,15 @@ class GCLLoss(nn.Module):
             image_term = multi_positive_info_nce(z, positives, self.temperature)
             objective = image_term
             terms[f"img/{name}"] = float(image_term.detach())
+            terms.update(yardstick_terms(f"img/{name}", positives))
+            components[f"img/{name}"] = image_term
             if self.pixel_loss is not None:
                 pixel_term = masked_pair_mean(pair_losses, positives)
                 objective = objective + self.pixel_weight * pixel_term
                 terms[f"pix/{name}"] = float(pixel_term.detach())
                 terms[f"kept_positives/{name}"] = self.pixel_loss.last_kept_fraction
+                components[f"pix/{name}"] = pixel_term
             objectives[name] = objective
         self.last_terms = terms
+        self.last_components = components if self.record_components else {}
         return objectives

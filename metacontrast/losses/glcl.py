@@ -39,6 +39,7 @@ from torch import nn
 
 from ..nets.heads import pooled_embedding
 from .contrastive import multi_positive_info_nce
+from .yardsticks import yardstick_terms
 
 GLOBAL_STRATEGIES = ("GR", "GD-", "GD")
 LOCAL_STRATEGIES = ("LR", "LD")
@@ -169,7 +170,7 @@ class GlobalContrastiveLoss(nn.Module):
         z = pooled_embedding(outputs[self.key])
         volume, partition = meta[self.volume_key].to(z.device), meta[self.partition_key].to(z.device)
         positives, negatives = global_masks(self.strategy, volume, partition, _num_views(len(z), len(volume)))
-        self.last_terms = {"global/positives_per_anchor": float(positives.sum(1).float().mean())}
+        self.last_terms = {"global/positives_per_anchor": float(positives.sum(1).float().mean()), **yardstick_terms("loss/global", positives, negatives)}
         return {"global": multi_positive_info_nce(z, positives, self.temperature, negatives=negatives)}
 
 
@@ -206,5 +207,5 @@ class LocalContrastiveLoss(nn.Module):
         corners = region_corners(f.shape[2], f.shape[3], self.region_size, self.num_regions)
         z = local_regions(f, corners, self.region_size, self.reduction).flatten(0, 1)  # (V N A, D)
         positives, negatives = local_masks(self.strategy, volume, partition, _num_views(len(f), len(volume)), self.num_regions)
-        self.last_terms = {"local/positives_per_anchor": float(positives.sum(1).float().mean())}
+        self.last_terms = {"local/positives_per_anchor": float(positives.sum(1).float().mean()), **yardstick_terms("loss/local", positives, negatives)}
         return {"local": multi_positive_info_nce(z, positives, self.temperature, negatives=negatives)}

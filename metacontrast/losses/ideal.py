@@ -38,6 +38,7 @@ from torch import nn
 from ..data.augment import BatchAugmentation, warp
 from ..nets.heads import pooled_embedding
 from .contrastive import multi_positive_info_nce, positive_mask, view_ids
+from .yardsticks import yardstick_terms
 
 
 # -- geometry: which location of one view sees the same place as a location of the other --------------------
@@ -105,11 +106,15 @@ def global_info_nce(z: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     image (the keys), so the denominator holds ``N`` terms -- unlike SimCLR's NT-Xent, which also contrasts
     the query's own view of the other images.
     """
-    n = len(z) // 2
-    image = view_ids(n, z.device)
-    view = torch.arange(2 * n, device=z.device) // n
-    negatives = (image[:, None] != image[None, :]) & (view[:, None] != view[None, :])
-    return multi_positive_info_nce(z, positive_mask(image), temperature, negatives=negatives)
+    positives, negatives = global_info_nce_masks(len(z) // 2, z.device)
+    return multi_positive_info_nce(z, positives, temperature, negatives=negatives)
+
+
+def global_info_nce_masks(n: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 1's (2N, 2N) positives (the other view) and negatives (the other view of every other image)."""
+    image = view_ids(n, device)
+    view = torch.arange(2 * n, device=device) // n
+    return positive_mask(image), (image[:, None] != image[None, :]) & (view[:, None] != view[None, :])
 
 
 def dense_info_nce(queries: torch.Tensor, keys: torch.Tensor, match: torch.Tensor, valid: torch.Tensor,
@@ -206,6 +211,8 @@ class IDEALLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if self.global_weight > 0:
             terms["global"] = self.global_weight * global_info_nce(pooled_embedding(_full_precision(outputs[self.global_key])), self.temperature)
+            yardsticks = yardstick_terms("loss/global", *global_info_nce_masks(len(outputs[self.global_key]) // 2))
+            self.last_terms.update({k: self.global_weight * v for k, v in yardsticks.items()})  # of the weighted term
         if self.local_weight > 0:
             if self.grid_key not in targets:
                 raise KeyError(f"IDEALLoss needs the views' sampling grids as targets[{self.grid_key!r}] to find corresponding "

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..nets.macl import downsample
 from .contrastive import mean_over_positives
+from .yardsticks import yardstick_terms
 
 
 def position_positive_mask(position: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -127,4 +128,5 @@ class MACLLoss(nn.Module):
         total = sum(w * t for w, t in zip(self.weights, terms.values()))
         self.last_terms = {f"macl/{k}": float(v.detach()) for k, v in terms.items()}
         self.last_terms["macl/positives_per_anchor"] = float(positives.sum(1).float().mean())
+        self.last_terms.update(yardstick_terms("macl/global", positives))  # Eq. 10 has the default InfoNCE form
         return {"mlc": total}

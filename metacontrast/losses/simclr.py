@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..nets.heads import pooled_embedding
-from .contrastive import nt_xent
+from .contrastive import multi_positive_info_nce, positive_mask, view_ids
+from .yardsticks import yardstick_terms
 
 
 class SimCLRLoss(nn.Module):
@@ -30,10 +31,14 @@ class SimCLRLoss(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.key = key
+        self.last_terms: dict[str, float] = {}
 
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: object = None) -> dict[str, torch.Tensor]:
         """``outputs[key]``: (2N, D, h, w) for ``cat(view1, view2)``; ``targets`` (meta labels) are unused.
 
-        Returns ``{"views": L}``.
+        Returns ``{"views": L}``; ``last_terms`` holds its chance level and minimum (:mod:`~metacontrast.losses.yardsticks`).
         """
-        return {"views": nt_xent(pooled_embedding(outputs[self.key]), self.temperature)}
+        z = pooled_embedding(outputs[self.key])
+        positives = positive_mask(view_ids(len(z) // 2, z.device))
+        self.last_terms = yardstick_terms("loss/views", positives)
+        return {"views": multi_positive_info_nce(z, positives, self.temperature)}

@@ -26,7 +26,8 @@ from torch import nn
 
 from ..engines.self_paced import SelfPacedSchedule
 from ..nets.heads import pooled_embedding
-from .contrastive import meta_label_positive_mask, multi_positive_info_nce, pair_log_prob
+from .contrastive import mean_over_positives, meta_label_positive_mask, multi_positive_info_nce, pair_log_prob
+from .yardsticks import yardstick_terms
 
 
 def self_paced_weights(pair_losses: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -100,5 +101,7 @@ class SPCLLoss(nn.Module):
             terms[f"sp/{name}"] = float(term.detach())
             terms[f"reg/{name}"] = float(regulariser.mean())
             terms[f"mean_weight/{name}"] = float(weights[positives].mean()) if positives.any() else 0.0
+            terms[f"img/{name}"] = float(mean_over_positives(-pair_losses, positives))  # unweighted Eq. 2 mean: comparable to its yardsticks
+            terms.update(yardstick_terms(f"img/{name}", positives))
         self.last_terms = terms
         return {self.objective_name: total}

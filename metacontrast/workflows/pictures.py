@@ -6,7 +6,10 @@
   run, one panel per family (the part of the name before ``/``): ``train_loss`` (the objective and one
   line per meta label), and for GCL ``train_img`` / ``train_pix`` (the image- and pixel-wise terms,
   Eqs. 1 and 5), ``train_cos`` / ``train_target`` (GradMitigator's cosines and their EMA targets,
-  Alg. 1) and ``train_kept_positives`` (GradFilter, Eq. 8); x = epoch.
+  Alg. 1) and ``train_kept_positives`` (GradFilter, Eq. 8); x = epoch.  Each image-wise term is drawn with
+  its chance level and minimum for its batches (dotted, dashed) and, from ``results/<dataset>/joint_optimum.json``
+  (``scripts/joint_optimum.py``), its value at the joint optimum of the terms (dash-dotted); ``train_embedding_cosine``
+  and ``train_grad_norm`` are :class:`~metacontrast.engines.PretrainDiagnostics`' spread and gradient norms.
 * ``curves_finetune_<method>.png``: fine-tune training loss and validation Dice per epoch, one line per
   ``(L, seed)`` (colour = L, line style = seed).
 * ``dice_vs_L.png``: :func:`metacontrast.workflows.results.plot_dice` of the evaluate runs.
@@ -189,17 +192,55 @@ def _grid_shape(panels: int) -> tuple[int, int]:
     return math.ceil(panels / cols), cols
 
 
-def plot_pretrain_curves(store: RunStore, run: Any, path: str | os.PathLike[str]) -> Path:
-    """Every per-epoch metric of a pre-training run, one panel per :func:`metric_families` family."""
+#: suffixes of a term's yardsticks (:mod:`metacontrast.losses.yardsticks`) and their line styles
+YARDSTICK_STYLES = {"chance": ":", "min": "--", "joint": "-."}
+
+
+def joint_optimum_for(run: Any, joint_optimum: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
+    """The ``terms`` of a :mod:`~metacontrast.workflows.joint_optimum` result when it was computed for this run's
+    settings (temperature and batch size, where the run logged them), else ``{}``."""
+    if not joint_optimum:
+        return {}
+    params = run.data.params
+    for key in ("temperature", "batch_size"):
+        if key in params and key in joint_optimum and not math.isclose(float(params[key]), float(joint_optimum[key])):
+            return {}
+    return dict(joint_optimum.get("terms", {}))
+
+
+def plot_pretrain_curves(store: RunStore, run: Any, path: str | os.PathLike[str], joint_optimum: Mapping[str, Any] | None = None) -> Path:
+    """Every per-epoch metric of a pre-training run, one panel per :func:`metric_families` family.
+
+    A term's logged yardsticks (``<term>/chance``, ``<term>/min``) are drawn in the term's colour, dotted and
+    dashed; ``joint_optimum`` (``results/<dataset>/joint_optimum.json``) adds each term's value at the joint
+    optimum as a dash-dotted horizontal line (and its chance level and minimum where the run did not log them).
+    """
     families = metric_families(list(run.data.metrics))
     if not families:
         raise LookupError(f"pre-training run {run.info.run_id} ({run.info.run_name}) logged no per-epoch metric")
+    joint = joint_optimum_for(run, joint_optimum)
+    prefix = "train_"
     rows, cols = _grid_shape(len(families))
     with _figure(rows, cols, PANEL_PX, path) as (fig, axes):
         for ax, (family, keys) in zip(axes.flat, families.items()):
-            for key in keys:
+            colours: dict[str, Any] = {}
+            for key in [k for k in keys if k.rpartition("/")[2] not in YARDSTICK_STYLES]:
                 steps, values = store.history(run.info.run_id, key)
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key.partition("/")[2] or "total")
+                (line,) = ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key.partition("/")[2] or "total")
+                colours[key] = line.get_color()
+            for key in [k for k in keys if k.rpartition("/")[2] in YARDSTICK_STYLES]:
+                term, _, kind = key.rpartition("/")
+                steps, values = store.history(run.info.run_id, key)
+                ax.plot(steps, values, color=colours.get(term), linestyle=YARDSTICK_STYLES[kind], linewidth=0.8,
+                        label=f"{term.partition('/')[2]} {kind}")
+            for term, values in joint.items():
+                key = prefix + term
+                if key not in colours:
+                    continue
+                for kind, style in YARDSTICK_STYLES.items():
+                    if kind in values and (kind == "joint" or f"{key}/{kind}" not in keys):
+                        ax.axhline(values[kind], color=colours[key], linestyle=style, linewidth=0.8,
+                                   label=f"{term.partition('/')[2]} {kind}{'' if kind == 'joint' else ' (joint_optimum.json)'}")
             ax.set_title(family, fontsize="medium")
             ax.set_xlabel("epoch")
             ax.grid(True, alpha=0.3)
@@ -422,6 +463,7 @@ class _Drawer:
     def __init__(self, store: RunStore, out_dir: Path, dataset_dir: str, runs_dir: Path, seed: int) -> None:
         self.store, self.out_dir, self.dataset_dir, self.runs_dir, self.seed = store, out_dir, dataset_dir, runs_dir, seed
         self.pictures = Pictures()
+        self.joint_optimum: dict[str, Any] | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="metacontrast-pictures-")
 
     def attempt(self, name: str, draw: Any, *args: Any) -> None:
@@ -450,7 +492,7 @@ class _Drawer:
         raise LookupError(f"no FINISHED pretrain run tagged method in {tried}, dataset={self.store.dataset!r} in {self.store.tracking_uri}")
 
     def pretrain_curves(self, method: str, path: Path) -> Path:
-        return plot_pretrain_curves(self.store, self.pretrain_run(method), path)
+        return plot_pretrain_curves(self.store, self.pretrain_run(method), path, self.joint_optimum)
 
     def finetune_curves(self, method: str, path: Path) -> Path:
         runs = _newest_per_combination(self.store.runs("finetune", method=method))
@@ -545,6 +587,7 @@ def draw_pictures(
     overlay_labeled: int | None = None,
     overlay_seed: int = 0,
     seed: int = 0,
+    joint_optimum: str = "",
 ) -> Pictures:
     """Draw every picture of a grid's runs into ``out_dir``.
 
@@ -562,6 +605,8 @@ def draw_pictures(
         overlay_labeled: the L of the evaluate run shown (``None``: the largest L logged for the method).
         overlay_seed: its seed (absent: the lowest seed logged).
         seed: the t-SNE's random state.
+        joint_optimum: ``scripts/joint_optimum.py``'s JSON, drawn in the pre-training curves; empty:
+            ``results/<dataset>/joint_optimum.json`` when it exists.
 
     Returns:
         :class:`Pictures`: the files drawn and one message per figure that could not be drawn.
@@ -583,6 +628,9 @@ def draw_pictures(
         raise LookupError(f"no FINISHED run of methods {absent} on {dataset!r} in {uri}; it has runs of {found}")
     drawer = _Drawer(store, Path(out_dir or Path("results") / dataset / "figures"), dataset_dir, runs_path, seed)
     drawer.pictures.missing += [f"method {m!r}: no FINISHED run of dataset {dataset!r} in {uri}" for m in absent]
+    optimum_path = Path(joint_optimum) if joint_optimum else REPO_ROOT / "results" / dataset / "joint_optimum.json"
+    if joint_optimum or optimum_path.is_file():
+        drawer.joint_optimum = json.loads(optimum_path.read_text())
     try:
         drawer.attempt("dice_vs_L", drawer.dice_vs_l, [m for m in methods if m not in absent])
         # 'gcl+mean_teacher' and 'gcl@improved' fine-tune GCL's encoder: its pre-training pictures are drawn once
