@@ -8,8 +8,18 @@ computes one gradient list per objective, fires ``PER_LOSS_GRADIENTS_COMPUTED`` 
 write ``param.grad``.  Why a subclass: ``SupervisedTrainer._iteration`` takes one scalar loss and calls
 ``backward`` itself, leaving no point where per-objective gradients can be intercepted.
 
-Under AMP the per-objective gradients are unscaled before handlers see them (the mitigation acts on
-true gradients), and re-scaled for ``GradScaler.step`` so its inf/NaN check still applies.
+The M per-objective gradients come from M backward passes through the shared graph
+(``torch.autograd.grad`` with ``retain_graph``), or, with ``batched_gradients=True``, from one batched
+vector-Jacobian product (``is_grads_batched``: the identity's M rows as cotangents of the M objectives).
+Both give the same gradients up to float round-off; the loop is the default because it was faster on the
+CPU and on the benchmark's networks (``scripts/bench_pretrain_step.py --batched_gradients True``).
+
+Under AMP (``amp=True``, e.g. ``amp_kwargs={"dtype": torch.bfloat16}``) only the forward pass and the losses
+run under autocast; the objectives are cast to fp32, and parameters and their gradients stay fp32 (autocast
+never changes the dtype of a leaf).  The per-objective gradients are divided by the ``GradScaler``'s scale
+before handlers see them, so GradMitigator acts on fp32 unscaled gradients; the combined gradient is
+re-scaled for ``GradScaler.step`` so its inf/NaN check and unscaling still apply.  With bf16 a scaler is
+not needed (bf16 has fp32's exponent range): without one the scale is 1 and nothing is rescaled.
 A non-finite objective raises :class:`NonFiniteLossError` naming the iteration and the objective, or
 skips the step when ``skip_nonfinite=True``.  A ``loss_function`` returning a single tensor (a plain
 MONAI loss, as in fine-tuning) is one objective named ``"loss"``, so every workflow gets the same
@@ -38,11 +48,13 @@ class MultiLossTrainer(SupervisedTrainer):
     Extra args (all others as ``SupervisedTrainer``):
         skip_nonfinite: skip the optimiser step (and count it in ``engine.state.skipped_steps``)
             instead of stopping when an objective is NaN/inf.
+        batched_gradients: per-objective gradients from one batched backward pass instead of one pass each.
     """
 
-    def __init__(self, *args, skip_nonfinite: bool = False, event_names=None, **kwargs) -> None:
+    def __init__(self, *args, skip_nonfinite: bool = False, batched_gradients: bool = False, event_names=None, **kwargs) -> None:
         super().__init__(*args, event_names=[MultiLossEvents, *(event_names or [])], **kwargs)
         self.skip_nonfinite = skip_nonfinite
+        self.batched_gradients = batched_gradients
         self.state.skipped_steps = 0
 
     def _iteration(self, engine: MultiLossTrainer, batchdata: dict) -> dict:
@@ -95,11 +107,17 @@ class MultiLossTrainer(SupervisedTrainer):
         named = [(n, p) for n, p in engine.network.named_parameters() if p.requires_grad]
         engine.state.grad_param_names = [n for n, _ in named]
         engine.state.grad_params = [p for _, p in named]
-        per_loss = {}
-        names = list(losses)
-        for k, name in enumerate(names):
-            grads = torch.autograd.grad(losses[name] * scale, engine.state.grad_params, retain_graph=k < len(names) - 1, allow_unused=True)
-            per_loss[name] = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, engine.state.grad_params)]
+        names, params = list(losses), engine.state.grad_params
+        if engine.batched_gradients and len(names) > 1:  # one VJP with the M unit cotangents: (M, *shape) per parameter
+            stacked = torch.stack([losses[name].float() for name in names]) * scale
+            eye = torch.eye(len(names), dtype=stacked.dtype, device=stacked.device)
+            grads = torch.autograd.grad(stacked, params, eye, is_grads_batched=True, allow_unused=True)
+            per_loss = {name: [torch.zeros_like(p) if g is None else g[k] / scale for g, p in zip(grads, params)] for k, name in enumerate(names)}
+        else:
+            per_loss = {}
+            for k, name in enumerate(names):
+                grads = torch.autograd.grad(losses[name].float() * scale, params, retain_graph=k < len(names) - 1, allow_unused=True)
+                per_loss[name] = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for g, p in zip(grads, params)]
         engine.state.per_loss_grads = per_loss
         engine.state.gradients_combined = False
         engine.fire_event(MultiLossEvents.PER_LOSS_GRADIENTS_COMPUTED)
