@@ -11,8 +11,10 @@ write ``param.grad``.  Why a subclass: ``SupervisedTrainer._iteration`` takes on
 The M per-objective gradients come from M backward passes through the shared graph
 (``torch.autograd.grad`` with ``retain_graph``), or, with ``batched_gradients=True``, from one batched
 vector-Jacobian product (``is_grads_batched``: the identity's M rows as cotangents of the M objectives).
-Both give the same gradients up to float round-off; the loop is the default because it was faster on the
-CPU and on the benchmark's networks (``scripts/bench_pretrain_step.py --batched_gradients True``).
+Both give the same gradients up to float round-off.  On the shared, loaded 2-core CPU the two were within
+the noise of each other (GCL at CPU scale, 1 thread: 5.1 s batched vs 5.6 s loop per step, spreads of
++-0.5 s), so the loop stays the default until a quiet or GPU measurement
+(``scripts/bench_pretrain_step.py --batched_gradients True``) decides.
 
 Under AMP (``amp=True``, e.g. ``amp_kwargs={"dtype": torch.bfloat16}``) only the forward pass and the losses
 run under autocast; the objectives are cast to fp32, and parameters and their gradients stay fp32 (autocast
