@@ -127,3 +127,25 @@ def test_mitigation_sees_unscaled_gradients_under_amp():
     for name in ("a", "b"):
         for got, want in zip(seen[name], expected[name]):
             torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)  # bf16 autocast, not x1024
+
+
+def test_batched_per_loss_gradients_equal_the_loop():
+    """One batched VJP (is_grads_batched) gives each objective's gradient exactly as one backward pass each (float64)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        seen = []
+        for batched in (False, True):
+            grads = {}
+            trainer, _ = _trainer([GradMitigator()], batched_gradients=batched)
+            trainer.add_event_handler(MultiLossEvents.PER_LOSS_GRADIENTS_COMPUTED,
+                                      lambda e, grads=grads: grads.update({k: [g.clone() for g in v] for k, v in e.state.per_loss_grads.items()}))
+            trainer.run()
+            seen.append(grads)
+    finally:
+        torch.set_default_dtype(previous)
+    assert seen[0].keys() == seen[1].keys() == {"a", "b"}
+    for name in seen[0]:
+        for loop, batched in zip(seen[0][name], seen[1][name]):
+            assert loop.dtype == torch.float64
+            torch.testing.assert_close(batched, loop, rtol=1e-10, atol=1e-12)

@@ -299,3 +299,46 @@ def test_pixel_loss_does_not_depend_on_anchor_chunks():
         loss = PixelContrastiveLoss(0.1, 0.5, grad_filter, anchor_chunk=chunk)(u_map, z_map, positives)
         results.append((loss, *torch.autograd.grad(loss, u_map)))
     torch.testing.assert_close(results[0], results[1])
+
+
+def _dense_reference(u_map, z_map, needed, tau, top_k, grad_filter):
+    """The formulation before the pair list: every (B, hw, B, hw) pixel pair, GradFilter's magnitudes on the dense
+    tensors, the selection held fixed and autograd for the gradient; pairs outside ``needed`` hold 0."""
+    u = F.normalize(u_map.flatten(2).transpose(1, 2), dim=-1)  # (B, hw, D)
+    z = F.normalize(z_map.flatten(2).transpose(1, 2), dim=-1).detach()
+    batch, hw = u.shape[:2]
+    k = math.ceil(top_k * hw)
+    pool = torch.einsum("iud,jvd->iujv", z, z).topk(k, dim=-1).indices
+    logits = torch.einsum("iud,jvd->iujv", u, u) / tau
+    masked = logits.scatter(-1, pool, float("-inf"))
+    neg_lse = masked.logsumexp(-1, keepdim=True)
+    per_positive = F.softplus(neg_lse - logits.gather(-1, pool))
+    with torch.no_grad():  # Eq. 7 closed form as the dense code had it
+        weights = masked.softmax(-1).nan_to_num(0.0)
+        weighted_gram = torch.einsum("iujv,jvw->iujw", weights, u @ u.transpose(1, 2))
+        pos = logits.gather(-1, pool)
+        tangential = ((weighted_gram * weights).sum(-1, keepdim=True) - 2 * weighted_gram.gather(-1, pool) + 1
+                      - ((weights * logits).sum(-1, keepdim=True) * tau - pos * tau) ** 2)
+        norms = (1 - torch.sigmoid(pos - neg_lse)) / tau * tangential.clamp_min(0).sqrt()
+        keep = grad_filter.select(norms).to(u.dtype)
+    pair = (per_positive * keep).sum(-1) / keep.sum(-1)  # (B, hw, B)
+    return pair.mean(1) * needed
+
+
+@pytest.mark.parametrize("step", [3, 10])
+def test_pair_list_equals_dense_formulation(step):
+    """The pair-list loss (only the needed pairs, GradFilter in the same pass, precomputed local gradient) gives the
+    dense formulation's pair losses and gradients, for two cotangents through the same graph (GradMitigator's case)."""
+    torch.manual_seed(7)
+    u_map, z_map = torch.randn(12, 8, 4, 4, requires_grad=True), torch.randn(12, 6, 4, 4)
+    needed = meta_label_positive_mask(torch.tensor([0, 1, 0, 2, 1, 0])) | meta_label_positive_mask(torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert 0 < needed.sum() < needed.numel() - 12  # some pairs are left out
+    grad_filter = GradFilter(total_steps=10)
+    grad_filter.step = step
+    got = PixelContrastiveLoss(0.1, 0.3, grad_filter, anchor_chunk=5).pair_losses(u_map, z_map, needed)
+    want = _dense_reference(u_map, z_map, needed, 0.1, 0.3, grad_filter)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    for cotangent in (needed / needed.sum(), torch.rand(12, 12)):
+        (g_got,) = torch.autograd.grad(got, u_map, cotangent, retain_graph=True)
+        (g_want,) = torch.autograd.grad(want, u_map, cotangent, retain_graph=True)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)

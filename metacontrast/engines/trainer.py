@@ -8,8 +8,20 @@ computes one gradient list per objective, fires ``PER_LOSS_GRADIENTS_COMPUTED`` 
 write ``param.grad``.  Why a subclass: ``SupervisedTrainer._iteration`` takes one scalar loss and calls
 ``backward`` itself, leaving no point where per-objective gradients can be intercepted.
 
-Under AMP the per-objective gradients are unscaled before handlers see them (the mitigation acts on
-true gradients), and re-scaled for ``GradScaler.step`` so its inf/NaN check still applies.
+The M per-objective gradients come from M backward passes through the shared graph
+(``torch.autograd.grad`` with ``retain_graph``), or, with ``batched_gradients=True``, from one batched
+vector-Jacobian product (``is_grads_batched``: the identity's M rows as cotangents of the M objectives).
+Both give the same gradients up to float round-off.  On the shared, loaded 2-core CPU the two were within
+the noise of each other (GCL at CPU scale, 1 thread: 5.1 s batched vs 5.6 s loop per step, spreads of
++-0.5 s), so the loop stays the default until a quiet or GPU measurement
+(``scripts/bench_pretrain_step.py --batched_gradients True``) decides.
+
+Under AMP (``amp=True``, e.g. ``amp_kwargs={"dtype": torch.bfloat16}``) only the forward pass and the losses
+run under autocast; the objectives are cast to fp32, and parameters and their gradients stay fp32 (autocast
+never changes the dtype of a leaf).  The per-objective gradients are divided by the ``GradScaler``'s scale
+before handlers see them, so GradMitigator acts on fp32 unscaled gradients; the combined gradient is
+re-scaled for ``GradScaler.step`` so its inf/NaN check and unscaling still apply.  With bf16 a scaler is
+not needed (bf16 has fp32's exponent range): without one the scale is 1 and nothing is rescaled.
 A non-finite objective raises :class:`NonFiniteLossError` naming the iteration and the objective, or
 skips the step when ``skip_nonfinite=True``.  A ``loss_function`` returning a single tensor (a plain
 MONAI loss, as in fine-tuning) is one objective named ``"loss"``, so every workflow gets the same
@@ -41,14 +53,17 @@ class MultiLossTrainer(SupervisedTrainer):
         grad_clip_norm: c > 0 rescales the final update ``g`` (after every ``GRADIENTS_READY`` handler:
             GradMitigator's combination, the multi-process all-reduce) to ``g min(1, c / ||g||)``, the norm
             taken over all parameters together (torch's ``clip_grad_norm_``); 0 (default) leaves it as is.
+        batched_gradients: per-objective gradients from one batched backward pass instead of one pass each.
     """
 
-    def __init__(self, *args, skip_nonfinite: bool = False, grad_clip_norm: float = 0.0, event_names=None, **kwargs) -> None:
+    def __init__(self, *args, skip_nonfinite: bool = False, grad_clip_norm: float = 0.0, batched_gradients: bool = False,
+                 event_names=None, **kwargs) -> None:
         super().__init__(*args, event_names=[MultiLossEvents, *(event_names or [])], **kwargs)
         if grad_clip_norm < 0:
             raise ValueError(f"grad_clip_norm must be >= 0 (0: off), got {grad_clip_norm}")
         self.skip_nonfinite = skip_nonfinite
         self.grad_clip_norm = float(grad_clip_norm)
+        self.batched_gradients = batched_gradients
         self.state.skipped_steps = 0
 
     def _iteration(self, engine: MultiLossTrainer, batchdata: dict) -> dict:
@@ -81,7 +96,7 @@ class MultiLossTrainer(SupervisedTrainer):
             return engine.state.output
 
         # scaler.scale() (not get_scale()) sets up the scaler's state on its first call; step() and unscale_() need it
-        scale = float(engine.scaler.scale(torch.ones((), device=total.device))) if (engine.amp and engine.scaler is not None) else 1.0
+        scale = float(engine.scaler.scale(torch.ones((), device=total.device))) if self._scaled(engine) else 1.0
         if getattr(engine.state, "per_loss_gradients_required", False):
             self._per_loss_backward(engine, losses, scale)
         else:
@@ -90,7 +105,7 @@ class MultiLossTrainer(SupervisedTrainer):
         engine.fire_event(MultiLossEvents.GRADIENTS_READY)
         if engine.grad_clip_norm > 0:
             self._clip_gradients(engine)
-        if engine.amp and engine.scaler is not None:
+        if self._scaled(engine):
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
@@ -99,10 +114,16 @@ class MultiLossTrainer(SupervisedTrainer):
         return engine.state.output
 
     @staticmethod
+    def _scaled(engine: MultiLossTrainer) -> bool:
+        """Loss scaling is for float16 autocast only: bfloat16 has float32's range, so under it the scaler MONAI
+        creates is left unused (no scale to read back to the host each step, no skipped steps)."""
+        return bool(engine.amp and engine.scaler is not None and engine.amp_kwargs.get("dtype", torch.float16) == torch.float16)
+
+    @staticmethod
     def _clip_gradients(engine: MultiLossTrainer) -> None:
         """Clip the update's global norm to ``grad_clip_norm``; under AMP unscale first (``GradScaler.step``
         then knows and does not unscale again).  The norm before clipping is ``engine.state.output["grad_norm"]``."""
-        if engine.amp and engine.scaler is not None:
+        if MultiLossTrainer._scaled(engine):
             engine.scaler.unscale_(engine.optimizer)
         params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         engine.state.output["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, engine.grad_clip_norm).detach()
@@ -113,11 +134,17 @@ class MultiLossTrainer(SupervisedTrainer):
         named = [(n, p) for n, p in engine.network.named_parameters() if p.requires_grad]
         engine.state.grad_param_names = [n for n, _ in named]
         engine.state.grad_params = [p for _, p in named]
-        per_loss = {}
-        names = list(losses)
-        for k, name in enumerate(names):
-            grads = torch.autograd.grad(losses[name] * scale, engine.state.grad_params, retain_graph=k < len(names) - 1, allow_unused=True)
-            per_loss[name] = [torch.zeros_like(p) if g is None else g / scale for g, p in zip(grads, engine.state.grad_params)]
+        names, params = list(losses), engine.state.grad_params
+        if engine.batched_gradients and len(names) > 1:  # one VJP with the M unit cotangents: (M, *shape) per parameter
+            stacked = torch.stack([losses[name].float() for name in names]) * scale
+            eye = torch.eye(len(names), dtype=stacked.dtype, device=stacked.device)
+            grads = torch.autograd.grad(stacked, params, eye, is_grads_batched=True, allow_unused=True)
+            per_loss = {name: [torch.zeros_like(p) if g is None else g[k] / scale for g, p in zip(grads, params)] for k, name in enumerate(names)}
+        else:
+            per_loss = {}
+            for k, name in enumerate(names):
+                grads = torch.autograd.grad(losses[name].float() * scale, params, retain_graph=k < len(names) - 1, allow_unused=True)
+                per_loss[name] = [torch.zeros_like(p) if g is None else (g / scale if scale != 1.0 else g) for g, p in zip(grads, params)]
         engine.state.per_loss_grads = per_loss
         engine.state.gradients_combined = False
         engine.fire_event(MultiLossEvents.PER_LOSS_GRADIENTS_COMPUTED)
