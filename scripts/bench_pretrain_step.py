@@ -52,11 +52,11 @@ METHODS = ("plain", "floor", "gcl_sum", "gcl", *BUNDLES)
 
 
 def _batch(batch_size: int, size: int, dataset_dir: str, datalist: str) -> dict[str, torch.Tensor]:
-    """A meta-labelled batch: real slices from a manifest when given, else noise with ACDC-like meta labels."""
+    """A meta-labelled batch: real slices from a manifest when given (the loader yields every meta key), else noise with ACDC-like meta labels."""
     if dataset_dir and datalist:
         from metacontrast.workflows.data import PretrainData
 
-        data = PretrainData(datalist, dataset_dir, "bench", meta_labels=(*META, "slice_position", "volume_index"), batch_size=batch_size,
+        data = PretrainData(datalist, dataset_dir, "bench", meta_labels=META, batch_size=batch_size,
                             preprocessing_overrides={"bench": {"pixel_size": [1.367 * 192 / size] * 2, "spatial_size": [size, size]}})
         return next(iter(data.loader))
     volumes = batch_size // 4
@@ -144,7 +144,7 @@ def _time_method(method: str, features, batch, device, steps: int, warmup: int, 
 
     trainer.add_event_handler(Events.ITERATION_STARTED, stamp)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, stamp)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=warmup), lambda e: torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=warmup) if warmup > 0 else Events.STARTED, lambda e: torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None)
     trainer.run()
     timed = [end - start for start, end in zip(stamps[0::2][warmup:], stamps[1::2][warmup:])]
     step = statistics.median(timed)

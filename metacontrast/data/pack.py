@@ -158,7 +158,7 @@ def _read_arrays(pack: Path, info: dict[str, Any]) -> dict[str, tuple[np.ndarray
     """Every volume's ``(image, label or None)`` uint8 ``(D, H, W)`` arrays; a short or damaged stream names the file."""
     path = pack / ARRAYS_FILE
     try:
-        data = lzma.decompress(path.read_bytes())
+        data = bytearray(lzma.decompress(path.read_bytes()))  # writable: torch refuses read-only buffers
     except (OSError, lzma.LZMAError) as err:
         raise SlicePackError(f"{path}: unreadable ({err})") from err
     h, w = info["spatial_size"]
