@@ -41,7 +41,7 @@ MLFLOW_WHEELS = ("mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1"
 """Installed with their dependencies, less those the host already has (:data:`HOST_HAS`)."""
 
 HOST_HAS = ("numpy", "pyyaml", "requests", "urllib3", "idna", "certifi", "charset_normalizer", "packaging",
-            "typing_extensions", "cryptography", "cffi", "pycparser", "markupsafe", "protobuf")
+            "typing_extensions", "markupsafe", "protobuf")
 """Distributions on the host image (or not needed there) whose downloaded wheels are dropped."""
 
 _PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")

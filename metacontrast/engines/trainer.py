@@ -16,12 +16,12 @@ the noise of each other (GCL at CPU scale, 1 thread: 5.1 s batched vs 5.6 s loop
 +-0.5 s), so the loop stays the default until a quiet or GPU measurement
 (``scripts/bench_pretrain_step.py --batched_gradients True``) decides.
 
-Under AMP (``amp=True``, e.g. ``amp_kwargs={"dtype": torch.bfloat16}``) only the forward pass and the losses
-run under autocast; the objectives are cast to fp32, and parameters and their gradients stay fp32 (autocast
+Under AMP (``amp=True``, e.g. ``amp_kwargs={"dtype": torch.bfloat16}``) only the forward pass runs under
+autocast; its outputs are cast to fp32 and the losses computed outside it (:func:`as_float32`), and parameters and their gradients stay fp32 (autocast
 never changes the dtype of a leaf).  The per-objective gradients are divided by the ``GradScaler``'s scale
 before handlers see them, so GradMitigator acts on fp32 unscaled gradients; the combined gradient is
-re-scaled for ``GradScaler.step`` so its inf/NaN check and unscaling still apply.  With bf16 a scaler is
-not needed (bf16 has fp32's exponent range): without one the scale is 1 and nothing is rescaled.
+re-scaled for ``GradScaler.step`` so its inf/NaN check and unscaling still apply.  Loss scaling is used under
+float16 only: bf16 has fp32's exponent range, so the scale is 1 and nothing is rescaled.
 A non-finite objective raises :class:`NonFiniteLossError` naming the iteration and the objective, or
 skips the step when ``skip_nonfinite=True``.  A ``loss_function`` returning a single tensor (a plain
 MONAI loss, as in fine-tuning) is one objective named ``"loss"``, so every workflow gets the same
@@ -31,6 +31,7 @@ NaN/inf guard.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
@@ -38,6 +39,17 @@ from monai.utils.enums import CommonKeys as Keys
 from monai.engines.utils import IterationEvents
 
 from .events import MultiLossEvents
+
+
+def as_float32(outputs: Any) -> Any:
+    """``outputs`` (a tensor, or dicts / lists / tuples of them) with every half-precision tensor cast to float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+    if isinstance(outputs, dict):
+        return {k: as_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_float32(v) for v in outputs)
+    return outputs
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,7 +89,10 @@ class MultiLossTrainer(SupervisedTrainer):
         with autocast:
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            losses = engine.loss_function(engine.state.output[Keys.PRED], targets)
+        # the losses in float32, outside autocast: contrastive logits over / tau need its precision, and the
+        # losses' own index arithmetic (scatter, gather) needs one dtype throughout
+        engine.state.output[Keys.PRED] = as_float32(engine.state.output[Keys.PRED])
+        losses = engine.loss_function(engine.state.output[Keys.PRED], targets)
         if isinstance(losses, torch.Tensor):  # a plain MONAI loss (fine-tuning): one term named "loss"
             losses = {"loss": losses}
         total = torch.stack([loss.float() for loss in losses.values()]).mean()
