@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve_s", type=float, default=30.0, help="seconds kept for packing the results")
     parser.add_argument("--runs", default="runs", help="where the stages write runs and stores ({runs} in the plan)")
     parser.add_argument("--only", default="", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated stage names not to run (e.g. those a cut call finished)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     if not args.out:
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[device] host: {json.dumps(report['host'])}", flush=True)
     runs = (REPO / args.runs).resolve()
     fields = {"python": sys.executable, "data": str(data), "out": str(out), "repo": str(REPO), "runs": str(runs)}
-    only = {s for s in args.only.split(",") if s}
-    for batch in batches([s for s in plan["stages"] if not only or s["name"] in only]):
+    only, skip = ({s for s in names.split(",") if s} for names in (args.only, args.skip))
+    for batch in batches([s for s in plan["stages"] if (not only or s["name"] in only) and s["name"] not in skip]):
         left = args.budget_s - args.reserve_s - (time.monotonic() - start)
         if left < 5:
             report["stages"] += [{"name": s["name"], "status": "not started: budget spent"} for s in batch]
