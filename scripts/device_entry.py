@@ -12,7 +12,10 @@ and, as a CPU dry run of the same code (a test in the suite)::
 A plan (JSON) lists ``stages`` -- ``{"name", "argv", "timeout_s", "env"?, "group"?}``, run in order, each with its own
 log; consecutive stages of one ``group`` run at the same time (small runs that would leave the GPU idle; give each
 its own MLflow store); one that fails or times out is recorded and the next one still runs -- and ``collect`` -- ``{"name", "path",
-"arcname", "exclude"?}``, folders packed as ``<name>.tar.gz`` into ``--out``.  ``argv``, ``env`` and ``path`` may hold
+"arcname", "exclude"?}``, folders packed as ``<name>.tar.gz`` into ``--out``; an ``exclude`` pattern is matched
+(``fnmatch``, ``*`` spanning folders) against each member's path, e.g. ``*/mlartifacts/*.pt``.  What comes back is
+bounded (``--max_return_mib``, :data:`MAX_RETURN_FILES`): an archive that would pass the bound is packed again
+without any ``*.pt`` file, and the report says so.  ``argv``, ``env`` and ``path`` may hold
 ``{python}``, ``{data}``, ``{out}``, ``{runs}`` (``--runs``, where the stages write their runs) and ``{repo}``.  ``--budget_s`` bounds the whole run: a stage gets at most what is left less
 ``--reserve_s`` for packing, so the results come back even when the last stage is cut short.  Every stage's
 exit status, time and log tail go to ``<out>/device_report.json``; the logs to ``<out>/logs.tar.gz``.
@@ -23,6 +26,7 @@ Only the standard library is imported here: the project's dependencies are what 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -39,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 SITE = Path(os.environ.get("METACONTRAST_DEVICE_SITE", "/tmp/metacontrast_site"))
 MAX_FILE_BYTES = 16 * 2**20
 """The device tool returns files of at most 16 MiB: a larger archive is split into parts of this size."""
+MAX_RETURN_FILES = 7
+"""The tool returns at most 8 files and 64 MiB under $OUT: 7 leave room for the report (``--max_return_mib``, 56,
+leaves a margin)."""
 
 
 def install_site(archive: Path, log: list[str]) -> dict[str, str]:
@@ -85,8 +92,11 @@ def describe_host(env: dict[str, str]) -> dict[str, str]:
 
 def run_stage(stage: dict, fields: dict[str, str], env: dict[str, str], timeout: float, logs: Path) -> dict:
     """Run one stage with its log in ``logs/<name>.log`` (echoed to stdout); never raises."""
-    argv = [str(a).format(**fields) for a in stage["argv"]]
-    stage_env = dict(env, **{k: str(v).format(**fields) for k, v in stage.get("env", {}).items()})
+    try:
+        argv = [str(a).format(**fields) for a in stage["argv"]]
+        stage_env = dict(env, **{k: str(v).format(**fields) for k, v in stage.get("env", {}).items()})
+    except (KeyError, IndexError, ValueError) as err:  # a brace the plan meant literally: write it {{ }}
+        return {"name": stage["name"], "status": f"bad stage ({type(err).__name__}: {err})", "seconds": 0.0, "log_tail": []}
     log_path = logs / f"{stage['name']}.log"
     start = time.perf_counter()
     print(f"[device] stage {stage['name']} (timeout {timeout:.0f} s): {' '.join(argv)}", flush=True)
@@ -133,8 +143,8 @@ def pack(name: str, folder: Path, arcname: str, exclude: list[str], out: Path) -
     """``<out>/<name>.tar.gz`` of ``folder`` (stored as ``arcname``), split into 16 MiB parts if larger."""
     target = out / f"{name}.tar.gz"
 
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        return None if any(Path(info.name).match(pattern) for pattern in exclude) else info
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:  # fnmatch: "*" also spans "/", so patterns match at any depth
+        return None if any(fnmatch.fnmatch(info.name, pattern) for pattern in exclude) else info
 
     with tarfile.open(target, "w:gz") as tar:
         if folder.exists():
@@ -151,6 +161,10 @@ def pack(name: str, folder: Path, arcname: str, exclude: list[str], out: Path) -
     return parts
 
 
+def returned_bytes(out: Path, names: list[str]) -> int:
+    return sum((out / name).stat().st_size for name in names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", required=True, help="the plan JSON (scripts/device_plans/*.json)")
@@ -160,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reserve_s", type=float, default=30.0, help="seconds kept for packing the results")
     parser.add_argument("--runs", default="runs", help="where the stages write runs and stores ({runs} in the plan)")
     parser.add_argument("--only", default="", help="comma-separated stage names to run (default: all)")
+    parser.add_argument("--max_return_mib", type=float, default=56.0, help="bound on what comes back under --out")
     parser.add_argument("--skip", default="", help="comma-separated stage names not to run (e.g. those a cut call finished)")
     args = parser.parse_args(argv)
     start = time.monotonic()
@@ -186,9 +201,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with ThreadPoolExecutor(len(batch)) as pool:
             report["stages"] += pool.map(lambda s: run_stage(s, fields, env, min(float(s.get("timeout_s", left)), left), logs), batch)
-    for item in plan.get("collect", []):
-        report["files"] += pack(item["name"], Path(item["path"].format(**fields)), item["arcname"], item.get("exclude", []), out)
     report["files"] += pack("logs", logs, "device_logs", [], out)
+    for item in plan.get("collect", []):
+        folder, exclude = Path(item["path"].format(**fields)), item.get("exclude", [])
+        files = pack(item["name"], folder, item["arcname"], exclude, out)
+        if sum((out / f).stat().st_size for f in files) > args.max_return_mib * 2**20 - returned_bytes(out, report["files"]) \
+                or len(report["files"]) + len(files) > MAX_RETURN_FILES:
+            for f in files:
+                (out / f).unlink()
+            files = pack(item["name"], folder, item["arcname"], [*exclude, "*.pt"], out)
+            report.setdefault("notes", []).append(f"{item['name']}: over the return bound, packed again without weights (*.pt)")
+        report["files"] += files
     report["seconds"] = round(time.monotonic() - start, 1)
     (out / "device_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print("[device] stage summary:")

@@ -10,6 +10,7 @@ import json
 import lzma
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -101,18 +102,23 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
 
 
 def test_stages_of_a_group_run_together_and_a_failure_does_not_stop_the_plan(repo_root: Path, tmp_path: Path) -> None:
-    """Stage ``a`` waits for the file stage ``b`` writes: only concurrent runs let both finish; ``c`` fails alone."""
+    """Stage ``a`` waits for the file stage ``b`` writes: only concurrent runs let both finish; ``c`` fails alone;
+    ``d``'s weights would pass the return bound, so its runs come back without them."""
     wait = "import pathlib, sys, time\nfor _ in range(200):\n    if pathlib.Path(sys.argv[1]).exists(): sys.exit(0)\n    time.sleep(0.1)\nsys.exit(3)"
     plan = {"stages": [
         {"name": "a", "group": "g", "timeout_s": 60, "argv": ["{python}", "-c", wait, "{out}/from_b"]},
         {"name": "b", "group": "g", "timeout_s": 60, "argv": ["{python}", "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()", "{out}/from_b"]},
         {"name": "c", "timeout_s": 60, "argv": ["{python}", "-c", "import sys; sys.exit(5)"]},
-        {"name": "d", "timeout_s": 60, "argv": ["{python}", "-c", "print('after the failure')"]},
-    ], "collect": []}
+        {"name": "d", "timeout_s": 60, "argv": ["{python}", "-c", "import os, sys; os.makedirs(sys.argv[1]); open(sys.argv[1] + '/w.pt', 'wb').write(os.urandom(2**21)); open(sys.argv[1] + '/m.json', 'w').write('1')", "{runs}/x"]},
+    ], "collect": [{"name": "runs", "path": "{runs}", "arcname": "runs", "exclude": []}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     done = subprocess.run([sys.executable, "scripts/device_entry.py", "--plan", str(tmp_path / "plan.json"), "--data", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=repo_root, capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--max_return_mib", "1"],
+                          cwd=repo_root, capture_output=True, text=True, timeout=300)
     report = json.loads((tmp_path / "out" / "device_report.json").read_text())
     assert {s["name"]: s["status"] for s in report["stages"]} == {"a": "ok", "b": "ok", "c": "failed (rc 5)", "d": "ok"}
     assert done.returncode == 1  # some stage failed
-    assert "logs.tar.gz" in report["files"]
+    assert report["files"] == ["logs.tar.gz", "runs.tar.gz"]
+    with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:  # 2 MiB of weights do not fit in 1 MiB: packed without them
+        assert tar.getnames() == ["runs", "runs/x", "runs/x/m.json"]
+    assert report["notes"] == ["runs: over the return bound, packed again without weights (*.pt)"]
