@@ -26,6 +26,8 @@ __all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_s
 VAL_METRIC = "val_mean_dice"
 #: MLflow metrics (prefixes) of the image-wise InfoNCE terms: GCL's per meta label (Eq. 1), SimCLR's two-view loss.
 IMAGE_WISE_TERMS = ("train_img/", "train_loss/views")
+YARDSTICK_SUFFIXES = ("/chance", "/min")
+"""Metrics logged beside each term (its chance level and minimum for the batch, ``losses/yardsticks.py``)."""
 
 
 def validation_rows(store: RunStore, methods: Sequence[str]) -> list[dict[str, Any]]:
@@ -111,7 +113,8 @@ def compare_pretraining(dataset: str, stores: Sequence[tuple[str, str]], methods
                 continue
             run = runs[0]
             chance = chance_level(int(run.data.params["batch_size"]))
-            for key in sorted(k for k in run.data.metrics if any(k == t or (t.endswith("/") and k.startswith(t)) for t in terms)):
+            losses = (k for k in run.data.metrics if not k.endswith(YARDSTICK_SUFFIXES))  # the terms, not their yardsticks
+            for key in sorted(k for k in losses if any(k == t or (t.endswith("/") and k.startswith(t)) for t in terms)):
                 _, values = store.history(run.info.run_id, key)
                 lines.append(f"| {label} | {method} | {key} | {values[0]:.3f} | {values.min():.3f} | {values[-1]:.3f} | "
                              f"{chance:.3f} | {values[-1] - chance:+.3f} |")

@@ -75,9 +75,9 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
         chance.append(f"{np.mean(values):.3f}" if values else "")
     lines.append("| chance | " + " | ".join(chance) + " | |")
     lines += ["", "Frozen encoder features of volumes outside the pre-training split (`bundles/common/configs/probe.json`): "
-              "k-NN accuracy of a meta label from the pooled encoder output (fit on `train`, scored on `test`); patient "
-              "retrieval: top-1 accuracy of finding the same patient in another volume at another slice quantile "
-              "(`test`); embedding cosine: mean pairwise cosine of the pooled encoder output (1 = collapsed); frozen "
+              "k-NN accuracy of a meta label from the pooled encoder output (fit on `train`, scored on the probe's "
+              "`score_split`, `val` by default); patient retrieval: top-1 accuracy of finding the same patient in another "
+              "volume at another slice quantile (`score_split`); embedding cosine: mean pairwise cosine of the pooled encoder output (1 = collapsed); frozen "
               "Dice: 3D Dice of a decoder-only fine-tune with L labelled volumes (encoder frozen). Chance: the "
               "majority class, the share of same-patient candidates. `random` is the seeded random encoder, the "
               "reference row. Std is the population std over seeds. Made by "
