@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from torch import nn
 
 
 @contextlib.contextmanager
@@ -75,3 +76,16 @@ def pretrained_decoder_checkpoint(encoder: Path, features: list[int], blocks: in
     assert decoder_keys and decoder_keys < set(pretrained), f"the first {blocks} up blocks are in the checkpoint"
     assert not set(network.module_keys(network.decoder_blocks()[blocks:])) & set(pretrained), "the others are not"
     return network, pretrained
+
+
+class TwoHeads(nn.Module):
+    """A shared 'encoder' and a 'head' so mitigated and averaged parameters are both present (engine tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.encoder(x)))

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from metacontrast.engines import GradFilter, GradMitigator, MultiLossEvents, MultiLossTrainer, NonFiniteLossError
 
-
-class TwoHeads(nn.Module):
-    """A shared 'encoder' and a 'head' so mitigated and averaged parameters are both present."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Linear(4, 3)
-        self.head = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.encoder(x)))
+from tests.helpers import TwoHeads
 
 
 def conflicting_losses(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 from torch import nn
 
-from tests.helpers import in_repo
+from tests.helpers import TwoHeads, in_repo
 from metacontrast.engines import GradMitigator, MultiLossEvents, MultiLossTrainer, WarmupCosine, cosine_schedule
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss
 from metacontrast.nets import PretrainedWeightsMismatch, SegmentationUNet, UNetEncoder
@@ -80,17 +80,6 @@ def test_warmup_longer_than_the_run_is_refused():
 # ------------------------------------------------------------------------------------------------
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Linear(4, 3)
-        self.head = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.encoder(x)))
-
-
 def conflicting(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"a": 50 * ((pred - target) ** 2).mean(), "b": 50 * ((pred + 2 * target) ** 2).mean()}
 
@@ -99,7 +88,7 @@ def _run_one_step(grad_clip_norm: float, handlers=(), scaler=None) -> tuple[list
     """One SGD step (lr 1, no momentum); returns (weights before, weights after, param.grad at GRADIENTS_READY)."""
     torch.manual_seed(1)
     batches = [(torch.randn(8, 4), torch.randn(8, 2))]
-    network = Tiny()
+    network = TwoHeads()
     trainer = MultiLossTrainer(device="cpu", max_epochs=1, train_data_loader=batches, network=network,
                                optimizer=torch.optim.SGD(network.parameters(), lr=1.0), loss_function=conflicting,
                                train_handlers=list(handlers), decollate=False, grad_clip_norm=grad_clip_norm,
