@@ -148,7 +148,10 @@ class PretrainDiagnostics:
                 loss_function.record_components = False
                 loss_function.last_components = {}
             if saved_terms is not None:
-                loss_function.last_terms = saved_terms
+                owner = loss_function  # a multi-process wrapper (GlobalBatchLoss) reads its loss's last_terms through a property
+                while isinstance(getattr(type(owner), "last_terms", None), property) and hasattr(owner, "loss"):
+                    owner = owner.loss
+                owner.last_terms = saved_terms
         if captured:
             metrics["embedding_cosine/encoder"] = mean_pairwise_cosine(pooled(captured[0]))
         if isinstance(outputs, Mapping):
