@@ -294,13 +294,13 @@ class EncoderEmbedding:
 
     def __init__(self, checkpoint: str | os.PathLike[str], batch_size: int = 64) -> None:
         from ..nets import SegmentationUNet, load_pretrained
-        from .checkpoints import load_checkpoint, state_dict_of
+        from .checkpoints import load_checkpoint, norm_of, state_dict_of
 
         loaded = load_checkpoint(checkpoint)
         features = (loaded.get("network") or {}).get("features") if isinstance(loaded, dict) else None
         if not features:
             raise ValueError(f"checkpoint {checkpoint} does not say its network's 'features' (expected an encoder.pt of a pre-training run)")
-        self.network = SegmentationUNet(features=features).eval()
+        self.network = SegmentationUNet(features=features, norm=norm_of(loaded, checkpoint)).eval()
         load_pretrained(self.network, state_dict_of(loaded, checkpoint), source=f"encoder checkpoint {checkpoint}")
         self.batch_size = batch_size
 
