@@ -168,7 +168,8 @@ def test_bundle_holds_the_paper_recipe_and_the_cpu_preset_caps_it(repo_root: Pat
                                                        "global_weight", "dense_weight", "er_weight", "scale_factor", "pretrained_decoder_blocks")}
     assert recipe == {"max_epochs": 100, "max_iterations": 0, "learning_rate": 0.1, "temperature": 0.1, "threshold": 0.1,
                       "global_weight": 1.0, "dense_weight": 0.5, "er_weight": 1.0, "scale_factor": 0.25, "pretrained_decoder_blocks": 2}
-    assert paper["optimizer"]["_target_"] == "torch.optim.SGD" and paper["lr_scheduler"]["_target_"].endswith("CosineAnnealingLR")
+    assert paper["optimizer"]["_target_"] == "torch.optim.SGD" and paper["lr_scheduler"]["_target_"] == "metacontrast.engines.cosine_schedule"
+    assert paper.get_parsed_content("warmup_iterations") == 0  # cosine_schedule without warm-up is torch's CosineAnnealingLR
     cpu = parsed_config(repo_root, PRETRAIN, CPU_PRESET)
     assert cpu.get_parsed_content("max_iterations") == json.loads((repo_root / CPU_PRESET).read_text())["cpu_iterations"]["pretrain"]
 

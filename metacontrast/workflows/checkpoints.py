@@ -81,10 +81,11 @@ def norm_of(checkpoint: Any, path: str | Path) -> str:
 
 
 def checkpoint_norm(path: str | Path, default: str = "instance") -> str:
-    """:func:`norm_of` the checkpoint at ``path``; ``default`` for an empty path (random init).  The workflow
+    """:func:`norm_of` the checkpoint at ``path``; ``default`` for an empty path (random init) or a file not
+    written yet (a config parsed before its run; loading the weights then names the missing file).  The workflow
     configs take the network's ``norm`` from here, so fine-tuning a batch-norm encoder builds a batch-norm
     U-Net and evaluating that fine-tune builds it again."""
-    return norm_of(load_checkpoint(path), path) if path else default
+    return norm_of(load_checkpoint(path), path) if path and Path(path).is_file() else default
 
 
 def initialise_encoder(network: SegmentationUNet, pretrained_ckpt: str, freeze_encoder: bool = False) -> list[str]:
