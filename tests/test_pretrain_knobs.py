@@ -171,6 +171,37 @@ def test_pixel_weight_one_is_the_paper_sum_exactly():
         GCLLoss(["patient_id"], pixel_weight=-0.1)
 
 
+def test_per_label_image_heads_keep_each_labels_term_on_its_own_head():
+    """``image_heads="per_label"``: label m's image term reads ``img_<m>`` only; the pixel positives are ranked by
+    the mean of the labels' image maps; the shared default is the paper's single ``h_img``."""
+    outputs, meta = _gcl_inputs()
+    heads = {m: outputs["img"].clone().requires_grad_(True) * (k + 1) for k, m in enumerate(meta)}
+    per_label = {"pix": outputs["pix"], **{f"img_{m}": h for m, h in heads.items()}}
+    loss = GCLLoss(list(meta), pixel_loss=PixelContrastiveLoss(), pixel_weight=0.0, image_heads="per_label")
+    objectives = loss(per_label, meta)
+    grads = torch.autograd.grad(objectives["patient_id"], [per_label["img_patient_id"], per_label["img_slice_quantile"]], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    assert grads[1] is None or grads[1].abs().sum() == 0
+    shared = GCLLoss(list(meta), image_heads="shared")(outputs, meta)
+    alone = GCLLoss(list(meta), image_heads="per_label")({"pix": outputs["pix"], **{f"img_{m}": outputs["img"] for m in meta}}, meta)
+    for m in meta:  # the same map under every label's head is the shared head exactly
+        assert torch.allclose(shared[m], alone[m])
+    with pytest.raises(ValueError, match="image_heads"):
+        GCLLoss(list(meta), image_heads="one_each")
+    with pytest.raises(ValueError, match="needs meta labels"):
+        GCLLoss([], image_heads="per_label")
+
+
+def test_gcl_bundle_builds_one_image_head_per_meta_label_on_request(repo_root: Path):
+    with in_repo(repo_root):
+        paper = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"])
+        per_label = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"], image_heads="per_label")
+        assert sorted(paper.get_parsed_content("network").heads) == ["img", "pix"]
+        assert sorted(per_label.get_parsed_content("network").heads) == ["img_patient_id", "img_slice_quantile", "pix"]
+        assert per_label.get_parsed_content("loss").image_heads == "per_label"
+    assert paper["hyper_parameters"]["image_heads"] == "@image_heads"
+
+
 # ------------------------------------------------------------------------------------------------
 # the config keys of every bundle
 # ------------------------------------------------------------------------------------------------

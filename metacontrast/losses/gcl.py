@@ -28,6 +28,10 @@ class GCLLoss(nn.Module):
         pixel_weight: lambda on the pixel term; the paper sums the two terms (1.0).  A gap the paper left:
             at initialisation the pixel term's gradient on the encoder is ~28x the image term's (issue 18).
         image_key / pixel_key: names of the ``h_img`` and ``h_pix`` outputs of the network.
+        image_heads: ``"shared"`` (the paper: one ``h_img`` for every meta label) or ``"per_label"``: label m's
+            image term (Eq. 1) compares ``GAP(h_img^m(f))`` from the output ``<image_key>_<m>``
+            (:func:`~metacontrast.nets.heads.gcl_heads`), and the pixel term's positives (Eq. 6) are ranked by the
+            mean of the labels' image maps, which carries every label's semantics as the shared head does.
 
     ``last_terms`` holds each term's value and, per image term, its chance level and minimum for the batch
     (:mod:`~metacontrast.losses.yardsticks`).
@@ -41,12 +45,18 @@ class GCLLoss(nn.Module):
         pixel_weight: float = 1.0,
         image_key: str = "img",
         pixel_key: str = "pix",
+        image_heads: str = "shared",
     ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if pixel_weight < 0:
             raise ValueError(f"pixel_weight must be >= 0, got {pixel_weight}")
+        if image_heads not in ("shared", "per_label"):
+            raise ValueError(f"image_heads must be 'shared' or 'per_label', got {image_heads!r}")
+        if image_heads == "per_label" and not meta_labels:
+            raise ValueError("image_heads='per_label' needs meta labels (the two-view loss has a single term)")
+        self.image_heads = image_heads
         self.meta_labels = list(meta_labels)
         self.temperature = temperature
         self.pixel_loss = pixel_loss
@@ -59,22 +69,30 @@ class GCLLoss(nn.Module):
     def forward(self, outputs: Mapping[str, torch.Tensor], meta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """
         Args:
-            outputs: ``{"img": (2N, D, h, w), "pix": (2N, D, h, w)}`` for the two views stacked.
+            outputs: ``{"img": (2N, D, h, w), "pix": (2N, D, h, w)}`` for the two views stacked (``"img_<m>"``
+                per meta label instead of ``"img"`` with ``image_heads="per_label"``).
             meta: ``{label: (N,) int tensor}`` per slice.
         Returns:
             ``{label: L^m}`` (``{"views": L}`` when no meta label is used); the logged terms
             (``last_terms``) are unweighted.
         """
-        z = pooled_embedding(outputs[self.image_key])
-        num_slices = z.shape[0] // 2
-        masks = {m: meta_label_positive_mask(meta[m].to(z.device)) for m in self.meta_labels}
+        if self.image_heads == "per_label":
+            maps = {m: outputs[f"{self.image_key}_{m}"] for m in self.meta_labels}
+            affinity = torch.stack(list(maps.values())).mean(dim=0)
+        else:
+            affinity = outputs[self.image_key]
+            maps = {}
+        shared = pooled_embedding(affinity) if not maps else None
+        device = affinity.device
+        masks = {m: meta_label_positive_mask(meta[m].to(device)) for m in self.meta_labels}
         if not masks:
-            masks = {"views": positive_mask(view_ids(num_slices, z.device))}
+            masks = {"views": positive_mask(view_ids(affinity.shape[0] // 2, device))}
         objectives, terms, components = {}, {}, {}
         if self.pixel_loss is not None:  # every pair's value is shared by the meta labels: evaluate the union once
             union = torch.stack(list(masks.values())).any(dim=0)
-            pair_losses = self.pixel_loss.pair_losses(outputs[self.pixel_key], outputs[self.image_key], union)
+            pair_losses = self.pixel_loss.pair_losses(outputs[self.pixel_key], affinity, union)
         for name, positives in masks.items():
+            z = pooled_embedding(maps[name]) if maps else shared
             image_term = multi_positive_info_nce(z, positives, self.temperature)
             objective = image_term
             terms[f"img/{name}"] = float(image_term.detach())

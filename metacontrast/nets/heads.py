@@ -35,6 +35,16 @@ class PooledProjectionHead(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), ProjectionHead(in_channels, hidden_channels, out_channels))
 
 
+def gcl_heads(in_channels: int, hidden_channels: int, out_channels: int, image_labels: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """GCL's projection heads: ``{"img": h_img, "pix": h_pix}`` (the paper: one image head shared by every meta
+    label), or, given ``image_labels``, ``{"pix": h_pix, "img_<m>": h_img^m for each m}``: one image head per meta
+    label, so labels whose positives conflict (patient ID's are slice quantile's negatives) need not pull one
+    embedding apart.  Every head is a :class:`ProjectionHead` (in -> hidden -> out)."""
+    make = lambda: ProjectionHead(in_channels, hidden_channels, out_channels)  # noqa: E731
+    image = {f"img_{m}": make() for m in image_labels} if image_labels else {"img": make()}
+    return {**image, "pix": make()}
+
+
 def pooled_embedding(feature_map: torch.Tensor) -> torch.Tensor:
     """Global average pooling then L2 normalisation: (B, D, h, w) -> (B, D) unit vectors."""
     return F.normalize(feature_map.mean(dim=(2, 3)), dim=1)
