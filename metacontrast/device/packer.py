@@ -10,7 +10,7 @@
 * ``manifest.json`` -- what was packed: sizes, sha256 of every file, the command that made it.
 
 The host has PyTorch (and numpy, scipy, matplotlib, scikit-learn, pyyaml, requests, tqdm); it lacks MONAI,
-pytorch-ignite, nibabel, pydicom, fire and MLflow (``../shared/device/README.md``).
+pytorch-ignite, nibabel, pydicom, fire and MLflow (``docs/device.md``).
 """
 
 from __future__ import annotations
