@@ -373,3 +373,19 @@ def test_bundle_finetune_defaults_are_merged_over_the_common_configs(repo_root: 
         parser.read_config(parse_method("ideal").workflow_configs("evaluate"))
         parser.parse()
         assert parser.get_parsed_content("network").__class__.__name__ == "DualDecoderUNet"
+
+
+def test_random_init_variants_build_the_network_of_the_encoder_they_are_compared_with() -> None:
+    """'random/batch_norm@improved' is random init of the batch-norm U-Net (no pre-training) under the recipe;
+    an unknown variant is refused naming the file and the known variants; the probe grid's random rows agree."""
+    from metacontrast.workflows.grid import parse_method
+    from metacontrast.workflows.probe_grid import encoder_entry
+
+    spec = parse_method("random/batch_norm@improved")
+    assert spec.pretraining is None
+    assert spec.finetune_overrides == {"norm": "batch", "learning_rate": 0.001, "batch_size": 8, "max_iterations": 2000}
+    assert parse_method("random").finetune_overrides == {}
+    with pytest.raises(ValueError, match=r"random_init\.json defines no random-init variant 'group_norm' \(has \['batch_norm'\]\)"):
+        parse_method("random/group_norm")
+    assert encoder_entry("random/batch_norm", "runs", "acdc") == ("random/batch_norm", "")
+    assert encoder_entry("random", "runs", "acdc") == ("random", "")

@@ -2,7 +2,8 @@
 
 A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``:
 
-* ``random`` -- no pre-training (random-init baseline);
+* ``random`` -- no pre-training (random-init baseline); ``random/batch_norm`` -- random init of another
+  network, with the fine-tune overrides stored under ``batch_norm`` in ``bundles/common/configs/random_init.json``;
 * ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
 * ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
   ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
@@ -69,6 +70,18 @@ class MethodSpec:
         return [str(COMMON / f"{workflow}.json")] + ([str(own)] if self.bundle is not None and own.is_file() else [])
 
 
+def random_init_overrides(variant: str, name: str = "random") -> dict[str, Any]:
+    """The fine-tune (and probe) overrides of the random-init row ``random/<variant>`` (``{}`` for plain ``random``)."""
+    if not variant:
+        return {}
+    path = COMMON / "random_init.json"
+    rows = json.loads(path.read_text())
+    if variant not in rows or variant.startswith("_"):
+        raise ValueError(f"method {name!r}: {path} defines no random-init variant {variant!r} "
+                         f"(has {sorted(k for k in rows if not k.startswith('_'))})")
+    return dict(rows[variant])
+
+
 def parse_method(name: str) -> MethodSpec:
     """``gcl/naive_sum+mean_teacher@improved`` -> bundle ``gcl``, its ``naive_sum`` ablation, Mean Teacher
     fine-tuning with the ``improved`` recipe."""
@@ -82,9 +95,7 @@ def parse_method(name: str) -> MethodSpec:
             raise ValueError(f"method {name!r}: no recipe {recipe!r} in {COMMON / 'recipes.json'} (has {sorted(recipes)})")
         finetune.update(recipes[recipe])
     if bundle == "random":
-        if variant:
-            raise ValueError(f"method {name!r}: random init has no variants")
-        return MethodSpec(name, None, {}, finetune)
+        return MethodSpec(name, None, {}, {**random_init_overrides(variant, name), **finetune})
     config = REPO_ROOT / "bundles" / bundle / "configs" / "pretrain.json"
     if not config.is_file():
         known = sorted(p.parent.parent.name for p in REPO_ROOT.glob("bundles/*/configs/pretrain.json"))

@@ -3,7 +3,8 @@
 An encoder is named like a results-grid pre-training (``random``, ``gcl``, ``gcl/no_filter``: the file
 ``<runs_dir>/<dataset>/<name>/pretrain/encoder.pt``), or given as a path to an ``encoder.pt``
 (``name=path`` names its row; a bare path is named after its folder, ``runs/acdc/gcl/pretrain/encoder.pt``
--> ``gcl``).  Each (encoder, seed) runs ``bundles/common/configs/probe.json`` (with the preset) through
+-> ``gcl``); ``random/<variant>`` is the seeded random encoder of another network (``random_init.json``).
+Each (encoder, seed) runs ``bundles/common/configs/probe.json`` (with the preset) through
 ``monai.bundle.run`` unless the store already holds its FINISHED probe run, so an interrupted call resumes.
 """
 
@@ -16,7 +17,8 @@ from typing import Any
 
 from monai.bundle import run as run_bundle
 
-from .grid import COMMON, method_names
+from .grid import COMMON, method_names, random_init_overrides
+from .method_name import split_method_name
 from .probe_results import write_probe_table
 from .tracking import completed_runs
 
@@ -28,8 +30,8 @@ def encoder_entry(spec: str, runs_dir: str | Path, dataset: str) -> tuple[str, s
     name, sep, path = spec.partition("=")
     if sep:
         return name, path
-    if spec == "random":
-        return "random", ""
+    if split_method_name(spec).bundle == "random":
+        return spec, ""
     if spec.endswith(".pt"):
         folder = Path(spec).parent
         return (folder.parent.name if folder.name == "pretrain" else folder.name), spec
@@ -73,6 +75,7 @@ def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[s
             print(f"[probes] {name} seed={seed}", flush=True)
             run_bundle(config_file=configs, **{"dataset": dataset, "dataset_dir": str(dataset_dir), "runs_dir": str(runs_dir),
                                                "tracking_uri": uri, "experiment_name": experiment, **(overrides or {}),
+                                               **random_init_overrides(split_method_name(name).variant if not encoder else "", name),
                                                "method": name, "pretrained_ckpt": encoder, "seed": seed})
             print(f"[probes] done {name} seed={seed} in {time.perf_counter() - start:.1f} s", flush=True)
     path = write_probe_table(uri, dataset, Path(results_dir) / dataset, rows, experiment_name=experiment)
