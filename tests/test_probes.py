@@ -143,3 +143,21 @@ def test_write_results_tables_the_probe_runs_of_its_store(tmp_path: Path) -> Non
     assert lines[4] == "| random | 0.250 ± 0.050 | 0.100 ± 0.000 | 2 |"
     assert lines[5] == "| gcl | 0.650 ± 0.050 | 0.100 ± 0.000 | 2 |"
     assert lines[6] == "| chance | 0.250 |  | |"
+    # the gain table: per-seed differences from the random encoder of the same network, ✓ past both spreads
+    gain = lines.index("### acdc: gain over the random encoder of the same network, per seed")
+    assert lines[gain + 2] == "| Encoder | compared with | slice quantile k-NN | frozen Dice L=1 test |"
+    assert lines[gain + 4] == "| gcl | random | +0.400 ± 0.000 (2) ✓ | +0.000 ± 0.000 (2) |"
+
+
+def test_a_batch_norm_encoder_is_compared_with_the_batch_norm_random_encoder() -> None:
+    from metacontrast.workflows.probe_results import format_gain_table, reference_of
+
+    norms = {"random": "instance", "random/batch_norm": "batch", "gcl/bn": "batch", "simclr": "instance"}
+    references = ["random", "random/batch_norm"]
+    assert [reference_of(m, norms, references) for m in ("gcl/bn", "simclr", "random/batch_norm")] == ["random/batch_norm", "random", None]
+    runs = {("random", 0): {"knn_slice_quantile": 0.3}, ("random", 1): {"knn_slice_quantile": 0.3},
+            ("random/batch_norm", 0): {"knn_slice_quantile": 0.5}, ("random/batch_norm", 1): {"knn_slice_quantile": 0.3},
+            ("gcl/bn", 0): {"knn_slice_quantile": 0.55}, ("gcl/bn", 1): {"knn_slice_quantile": 0.35}}
+    table = format_gain_table(runs, "acdc", ["random", "random/batch_norm", "gcl/bn"], [("k-NN", "knn_slice_quantile")], norms)
+    # +0.05 on both seeds, but the batch-norm reference's own spread is 0.1: no tick
+    assert "| gcl/bn | random/batch_norm | +0.050 ± 0.000 (2) |" in table.splitlines()

@@ -1,7 +1,7 @@
 """The probe table, made only from logged MLflow probe runs.
 
 :func:`write_probe_table` reads every FINISHED run tagged ``workflow=probe`` and ``dataset=<name>`` (tags
-``method``, ``seed``; metrics ``probe_<name>`` from :mod:`metacontrast.workflows.probes`), keeps the newest
+``method``, ``seed``; metrics ``probe_<name>`` from :mod:`metacontrast.workflows.probes`; param ``norm``), keeps the newest
 run of each ``(method, seed)`` and writes ``probes.md``: one row per method, the random encoder first as
 the reference, each cell ``mean ± std`` over seeds (population std, ``ddof=0``), then a chance row (the
 ``probe_chance_*`` metrics: majority class, share of same-patient candidates).
@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from ..io import atomic_write
 from .results import MISSING, markdown_head
 from .tracking import runs_as_records, search_runs
 
-__all__ = ["collect_probe_runs", "format_probe_table", "write_probe_table"]
+__all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "reference_of", "write_probe_table"]
 
 #: (column label, metric without ``probe_``) in table order; frozen-encoder Dice columns follow, by L and split.
 PROBE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -32,15 +33,35 @@ PROBE_COLUMNS: tuple[tuple[str, str], ...] = (
 REFERENCE = "random"
 
 
-def collect_probe_runs(tracking_uri: str, dataset: str, experiment_name: str | None = None,
-                       output_dir: str | os.PathLike[str] | None = None) -> dict[tuple[str, int], dict[str, float]]:
-    """``{(method, seed): {metric without "probe_": value}}`` of the newest FINISHED probe run of each."""
+def _probe_records(tracking_uri: str, dataset: str, experiment_name: str | None,
+                   output_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
+    """The FINISHED probe runs of ``dataset`` as records, newest first."""
     runs = search_runs(tracking_uri, experiment_name, {"workflow": "probe", "dataset": dataset}, output_dir, status="FINISHED")
+    return runs_as_records(runs)
+
+
+def _metrics_by_key(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
     found: dict[tuple[str, int], dict[str, float]] = {}
-    for record in runs_as_records(runs):  # newest first
+    for record in records:  # newest first
         key = (record["tags"].get("method", ""), int(record["tags"].get("seed", 0)))
         found.setdefault(key, {k[len("probe_"):]: float(v) for k, v in record["metrics"].items() if k.startswith("probe_")})
     return found
+
+
+def collect_probe_runs(tracking_uri: str, dataset: str, experiment_name: str | None = None,
+                       output_dir: str | os.PathLike[str] | None = None) -> dict[tuple[str, int], dict[str, float]]:
+    """``{(method, seed): {metric without "probe_": value}}`` of the newest FINISHED probe run of each."""
+    return _metrics_by_key(_probe_records(tracking_uri, dataset, experiment_name, output_dir))
+
+
+def reference_of(method: str, norms: Mapping[str, str], references: Sequence[str]) -> str | None:
+    """The random-encoder row ``method`` is compared with: the one of ``references`` built with the same
+    normalisation layer (a batch-norm encoder against ``random/batch_norm``), else ``random``; ``None`` for a
+    random row itself."""
+    if method in references:
+        return None
+    same = [r for r in references if norms.get(r, "instance") == norms.get(method, "instance")]
+    return same[0] if same else (REFERENCE if REFERENCE in references else None)
 
 
 def _frozen_columns(metrics: Sequence[str]) -> list[tuple[str, str]]:
@@ -56,8 +77,9 @@ def _stats_cell(values: Sequence[float]) -> str:
 
 
 def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], dataset: str,
-                       methods: Sequence[str] | None = None) -> str:
-    """Markdown: methods (random first) x probes, ``mean ± std`` over seeds, the number of seeds, a chance row."""
+                       methods: Sequence[str] | None = None, norms: Mapping[str, str] | None = None) -> str:
+    """Markdown: methods (random first) x probes, ``mean ± std`` over seeds, the number of seeds, a chance row;
+    then each encoder's per-seed gain over its random reference (:func:`format_gain_table`)."""
     found = sorted({method for method, _ in runs})
     order = list(methods) if methods is not None else sorted(found, key=lambda m: (m != REFERENCE, m))
     names = {m for metrics in runs.values() for m in metrics}
@@ -82,6 +104,45 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
               "majority class, the share of same-patient candidates. `random` is the seeded random encoder, the "
               "reference row. Std is the population std over seeds. Made by "
               "`metacontrast.workflows.probe_results.write_probe_table` from MLflow probe runs only.", ""]
+    gains = format_gain_table(runs, dataset, order, columns, norms or {})
+    return "\n".join(lines + ([gains] if gains else []))
+
+
+def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], dataset: str, order: Sequence[str],
+                      columns: Sequence[tuple[str, str]], norms: Mapping[str, str]) -> str:
+    """Markdown: each encoder's gain over its random reference (:func:`reference_of`) on every probe but the
+    embedding cosine, ``mean ± std (n)`` of the per-seed difference (a seed draws the same frozen fine-tune
+    volumes for both), marked ``✓`` where the mean gain exceeds both the reference's std over seeds and the
+    std of the gains; ``""`` when no row has a reference."""
+    references = [m for m in order if m.split("/")[0].split("@")[0] == REFERENCE]
+    columns = [c for c in columns if c[1] != "embedding_cosine"]
+    rows = []
+    for method in order:
+        reference = reference_of(method, norms, references)
+        if reference is None:
+            continue
+        cells = []
+        for _, metric in columns:
+            pairs = [(runs[(method, seed)].get(metric, math.nan), runs[(reference, seed)].get(metric, math.nan))
+                     for name, seed in sorted(runs) if name == method and (reference, seed) in runs]
+            gains = np.asarray([a - b for a, b in pairs if not (math.isnan(a) or math.isnan(b))])
+            base = np.asarray([b for _, b in pairs if not math.isnan(b)])
+            if not gains.size:
+                cells.append(MISSING)
+                continue
+            beats = gains.mean() > max(base.std(), gains.std())
+            cells.append(f"{gains.mean():+.3f} ± {gains.std():.3f} ({gains.size}){' ✓' if beats else ''}")
+        rows.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    lines = markdown_head(f"{dataset}: gain over the random encoder of the same network, per seed",
+                          ["Encoder", "compared with", *(label for label, _ in columns)])
+    lines += rows
+    lines += ["", "Each cell: mean ± std (number of seeds) of the encoder's probe value minus its reference's at the same "
+              "seed (the same frozen fine-tune volumes and the same random decoder start). The reference is the random "
+              "encoder built with the same normalisation layer (`random/batch_norm` for a batch-norm encoder, "
+              "`bundles/common/configs/random_init.json`). ✓: the mean gain exceeds both the reference's std over seeds "
+              "and the std of the gains.", ""]
     return "\n".join(lines)
 
 
@@ -89,13 +150,17 @@ def write_probe_table(tracking_uri: str, dataset: str, out_dir: str | os.PathLik
                       experiment_name: str | None = None, output_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """Write ``<out_dir>/probes.md`` from the store's probe runs of ``dataset``; ``None`` (nothing written)
     when the store has none."""
-    runs = collect_probe_runs(tracking_uri, dataset, experiment_name, output_dir)
+    records = _probe_records(tracking_uri, dataset, experiment_name, output_dir)
+    runs = _metrics_by_key(records)
+    norms: dict[str, str] = {}
+    for record in records:  # newest first
+        norms.setdefault(record["tags"].get("method", ""), record["params"].get("norm", "instance"))
     if methods is not None:
         runs = {key: value for key, value in runs.items() if key[0] in methods}
     if not runs:
         return None
     path = Path(out_dir) / "probes.md"
     with atomic_write(path) as handle:
-        handle.write(format_probe_table(runs, dataset, methods))
+        handle.write(format_probe_table(runs, dataset, methods, norms))
     return path
 
