@@ -1,6 +1,7 @@
 """Evaluate a fine-tuned 2D network in 3D on the original voxel grid.
 
-For each volume of a split: preprocess it exactly as in training (MetaTensor tracking on), predict
+For each volume of a split: preprocess it exactly as in training -- with the preprocessing the fine-tuned model
+records (:func:`settings_for_evaluation`), whatever the manifest is named -- (MetaTensor tracking on), predict
 slice by slice with ``monai.inferers.SliceInferer``, map the label map back to the source grid with
 ``monai.transforms.Invertd`` (nearest), score it against the untouched source label with
 :func:`~metacontrast.workflows.metrics.volume_metrics` (spacing in mm), and write the prediction as
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
-from .metrics import summarise, volume_metrics, write_metrics_csv, write_summary
+from .checkpoints import ModelSettingsConflict, load_checkpoint, read_model_settings, resolve_model_settings, settings_equal, state_dict_of
+from .data import cap, preprocessing_settings, read_manifest
+from .metrics import flatten_summary, summarise, volume_metrics, write_metrics_csv, write_summary
 from ..io import atomic_write
 
 
@@ -150,9 +153,6 @@ def settings_for_evaluation(
     when it exists and records settings, must record the same ones.  Returns
     :func:`~metacontrast.workflows.checkpoints.resolve_model_settings`'s dict, ``network`` complete.
     """
-    from .checkpoints import ModelSettingsConflict, read_model_settings, settings_equal, resolve_model_settings
-    from .data import preprocessing_settings, read_manifest
-
     manifest = read_manifest(datalist)
     resolved = resolve_model_settings(
         ckpt, preprocessing_settings(manifest, preprocessing_overrides, dataset), (preprocessing_overrides or {}).get(dataset, {}),
@@ -201,10 +201,6 @@ def run_evaluation(
     ``evaluation_last/``: with few validation volumes the best-by-validation choice is itself noisy, and
     the two side by side show how much the selection moved the result.  Returns the summary of ``ckpt``.
     """
-    from .checkpoints import ModelSettingsConflict, load_checkpoint, state_dict_of
-    from .data import cap, preprocessing_settings, read_manifest
-    from .metrics import flatten_summary
-
     manifest = read_manifest(datalist)
     entries = cap(manifest[split], max_volumes)
     if model_settings is None:
