@@ -1,6 +1,7 @@
 """Evaluate a fine-tuned 2D network in 3D on the original voxel grid.
 
-For each volume of a split: preprocess it exactly as in training (MetaTensor tracking on), predict
+For each volume of a split: preprocess it exactly as in training -- with the preprocessing the fine-tuned model
+records (:func:`settings_for_evaluation`), whatever the manifest is named -- (MetaTensor tracking on), predict
 slice by slice with ``monai.inferers.SliceInferer``, map the label map back to the source grid with
 ``monai.transforms.Invertd`` (nearest), score it against the untouched source label with
 :func:`~metacontrast.workflows.metrics.volume_metrics` (spacing in mm), and write the prediction as
@@ -28,7 +29,9 @@ from tqdm import tqdm
 
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
-from .metrics import summarise, volume_metrics, write_metrics_csv, write_summary
+from .checkpoints import ModelSettingsConflict, load_checkpoint, read_model_settings, resolve_model_settings, settings_equal, state_dict_of
+from .data import cap, preprocessing_settings, read_manifest
+from .metrics import flatten_summary, summarise, volume_metrics, write_metrics_csv, write_summary
 from ..io import atomic_write
 
 
@@ -126,6 +129,49 @@ def score_saved_predictions(
     return rows
 
 
+def settings_for_evaluation(
+    ckpt: str,
+    datalist: str,
+    dataset: str,
+    preprocessing_overrides: Mapping | None = None,
+    features: Sequence[int] | None = None,
+    fallback_features: Sequence[int] | None = None,
+    norm: str | None = None,
+    allow_preprocessing_override: bool = False,
+    last_ckpt: str = "",
+) -> dict[str, Any]:
+    """What the evaluate workflow runs ``ckpt`` with: its own preprocessing and network, as fine-tuning recorded them.
+
+    A fine-tuned ``model.pt`` records its preprocessing (pixel size, crop, intensity normalisation), network and
+    classes (:func:`~metacontrast.workflows.checkpoints.record_model_settings`); those are used whatever the
+    manifest's name or its ``preprocessing`` block say.  What the config asks for explicitly -- the entries of
+    ``preprocessing_overrides[dataset]``, ``features`` (``None`` = the model's) and ``norm`` -- must agree, else
+    :class:`~metacontrast.workflows.checkpoints.ModelSettingsConflict` names the file, the key and both values
+    (``allow_preprocessing_override``: the requested preprocessing is used, with a warning).  A checkpoint that
+    records nothing is evaluated as before: the manifest's preprocessing updated by ``preprocessing_overrides``,
+    ``features`` (else ``fallback_features``, the fine-tune config's), ``norm``.  ``last_ckpt`` (model_final.pt),
+    when it exists and records settings, must record the same ones.  Returns
+    :func:`~metacontrast.workflows.checkpoints.resolve_model_settings`'s dict, ``network`` complete.
+    """
+    manifest = read_manifest(datalist)
+    resolved = resolve_model_settings(
+        ckpt, preprocessing_settings(manifest, preprocessing_overrides, dataset), (preprocessing_overrides or {}).get(dataset, {}),
+        {"features": features, "norm": norm}, manifest["labels"], allow_preprocessing_override,
+        requested_from=f"the evaluate config (preprocessing_overrides[{dataset!r}], features, norm)",
+    )  # fmt: skip
+    recorded = resolved["model"]
+    if not resolved["recorded"]:
+        resolved["network"] = {"features": [int(f) for f in (features if features is not None else fallback_features or ())],
+                               "norm": norm or "instance", "out_channels": len(manifest["labels"]), "in_channels": 1}
+    if recorded and last_ckpt and Path(last_ckpt).is_file():
+        last = read_model_settings(last_ckpt)
+        differing = [(key, last.get(key), recorded.get(key)) for key in ("preprocessing", "network", "labels")
+                     if last is not None and not settings_equal(last.get(key), recorded.get(key))]
+        if differing:
+            raise ModelSettingsConflict(last_ckpt, differing, f"{ckpt} (evaluated beside it)")
+    return resolved
+
+
 def run_evaluation(
     network: nn.Module,
     ckpt: str,
@@ -139,8 +185,15 @@ def run_evaluation(
     preprocessing_overrides: Mapping | None = None,
     device: str = "cpu",
     last_ckpt: str = "",
+    model_settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate workflow: load ``ckpt`` (weights only), score ``split``, log everything to MLflow.
+
+    ``model_settings`` (from :func:`settings_for_evaluation`: the config does this) gives the preprocessing;
+    without it the manifest's, updated by ``preprocessing_overrides[dataset]``, is used.  The preprocessing
+    used is logged as the params ``preprocessing.pixel_size`` ... and ``preprocessing.source`` (``model``: the
+    checkpoint's own; ``model+override``: ``allow_preprocessing_override`` replaced some; ``config``: the
+    checkpoint records none).
 
     ``ckpt`` (the fine-tune's best-by-validation ``model.pt``) is logged as ``<split>_dice_mean`` ...
     with its outputs in ``evaluation/``.  When ``last_ckpt`` names a file (the fine-tune's last weights,
@@ -148,13 +201,20 @@ def run_evaluation(
     ``evaluation_last/``: with few validation volumes the best-by-validation choice is itself noisy, and
     the two side by side show how much the selection moved the result.  Returns the summary of ``ckpt``.
     """
-    from .checkpoints import load_checkpoint, state_dict_of
-    from .data import cap, preprocessing_settings, read_manifest
-    from .metrics import flatten_summary
-
     manifest = read_manifest(datalist)
     entries = cap(manifest[split], max_volumes)
-    settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
+    if model_settings is None:
+        settings, source = preprocessing_settings(manifest, preprocessing_overrides, dataset), "config"
+    else:
+        settings = dict(model_settings["preprocessing"])
+        source = ("model+override" if model_settings.get("overridden") else "model") if model_settings.get("recorded") else "config"
+        recorded_class = (model_settings.get("model") or {}).get("network", {}).get("class")
+        if recorded_class and recorded_class != type(network).__name__:
+            raise ModelSettingsConflict(ckpt, [("network.class", recorded_class, type(network).__name__)], "the evaluate config (semi_supervised)",
+                                        "Set semi_supervised to the fine-tune's (cross_pseudo builds the two-decoder U-Net)")
+    tracking.log_params({"preprocessing": {"source": source, **{k: settings[k] for k in ("pixel_size", "spatial_size")}}})
+    print(f"evaluate: {split} volumes preprocessed to {' x '.join(f'{p:g}' for p in settings['pixel_size'])} mm, "
+          f"{' x '.join(str(int(n)) for n in settings['spatial_size'])} ({'from ' + Path(ckpt).name if source != 'config' else 'from the config'})")
     scored = [(ckpt, split, "evaluation", None)]  # (checkpoint, metric prefix, output folder, artifact folder)
     if last_ckpt and Path(last_ckpt).is_file():
         scored.append((last_ckpt, f"{split}_last", "evaluation_last", "evaluation_last"))
