@@ -39,7 +39,9 @@ from tests.helpers import dice_per_class, finetune_and_evaluate
 from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 
 from metacontrast.export import vendor
-from metacontrast.export.bundle import ExportError, check_metadata, export_bundle
+from metacontrast.export import ExportError
+from metacontrast.export.bundle import export_bundle
+from metacontrast.export.verify import check_metadata
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import initialise_encoder, read_manifest
@@ -334,6 +336,12 @@ def test_export_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))  # nothing half-written left behind
     with pytest.raises(ExportError, match="batch_sise"):
         export_bundle(dest=str(tmp_path / "b"), ckpt=str(tmp_path / "model.pt"), dataset="sample", features=TINY, batch_sise=8)
+
+
+def test_export_names_a_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no MLflow store"):
+        export_bundle(dest=str(tmp_path / "b"), run_id="0123abcd", tracking_uri=str(tmp_path))
+    assert not (tmp_path / "mlruns.db").exists()  # reading does not create a store
 
 
 def test_vendoring_follows_the_configs(repo_root: Path) -> None:

@@ -1,6 +1,11 @@
 """Export a fine-tuned run as a self-contained MONAI Model Zoo bundle (``scripts/export_bundle.py``).
 
-* :mod:`.bundle` -- :func:`export_bundle`: the run (MLflow run id, or checkpoint + settings) -> ``dist/<name>/``;
+* :mod:`.bundle` -- :func:`export_bundle`: the run -> ``dist/<name>/``, written with one :class:`ExportOptions`;
+* :mod:`.source` -- the run: an MLflow fine-tune run (read through :mod:`metacontrast.workflows.tracking`) or a
+  checkpoint with its settings;
+* :mod:`.configs` -- the bundle's train / evaluate / inference configs, derived from the shared workflows;
+* :mod:`.card` -- ``metadata.json`` and the model card;
+* :mod:`.verify` -- the Zoo's checks and ours on the written bundle;
 * :mod:`.vendor` -- which modules of this package the bundle's configs need, copied under ``scripts/``;
 * :mod:`.writer` -- ``SourceHeaderNiftiWriter``, the image writer the exported inference uses;
 * :mod:`.transforms` -- the exported inference's ``Spacingd`` (MONAI's, safe on MONAI Label's request dicts);
@@ -11,8 +16,13 @@ Submodules load on first use: a bundle vendors :mod:`.writer` and must not pull 
 
 import importlib
 
-_MODULES = ("bundle", "transforms", "vendor", "writer")
-_EXPORTS = {"export_bundle": "bundle", "BundleSource": "bundle", "source_from_mlflow": "bundle", "source_from_checkpoint": "bundle"}
+_MODULES = ("bundle", "card", "configs", "source", "transforms", "vendor", "verify", "writer")
+_EXPORTS = {"export_bundle": "bundle", "ExportOptions": "bundle", "BundleSource": "source", "source_from_mlflow": "source",
+            "source_from_checkpoint": "source"}  # fmt: skip
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported as asked, or the exported bundle failed a check."""
 
 
 def __getattr__(name: str):

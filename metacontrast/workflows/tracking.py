@@ -23,7 +23,8 @@
   and lets MLflow exceptions propagate into the engine; the fallback and resume contracts above
   need the run to be owned here, so the handler is a thin view onto :class:`TrackingRun`.
 * :func:`search_runs`, :func:`find_run` and :func:`completed_runs` read runs back by tags (the
-  results runner uses them to skip finished runs and to build tables).
+  results runner uses them to skip finished runs and to build tables); :func:`get_run` and
+  :func:`download_artifact` read one run by id (the exporter).
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ __all__ = [
     "active_run",
     "completed_runs",
     "config_hash",
+    "download_artifact",
     "find_run",
     "flatten_config",
+    "get_run",
     "local_tracking_uri",
     "runs_as_records",
     "scalar_losses",
@@ -654,6 +657,28 @@ def completed_runs(
 ) -> list[Any]:
     """Runs matching ``tags`` that finished (status ``FINISHED``), newest first."""
     return search_runs(tracking_uri, experiment_name, tags, output_dir, status="FINISHED")
+
+
+def get_run(tracking_uri: str, run_id: str) -> Any:
+    """The run ``run_id`` (MLflow's ``Run``); ``LookupError`` when the store or the run does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).exists():
+        raise LookupError(f"no MLflow store at {tracking_uri}")
+    try:
+        return _client(tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        raise LookupError(f"no MLflow run {run_id} in {_redact(tracking_uri)}: {err}") from None
+
+
+def download_artifact(tracking_uri: str, run_id: str, path: str, dest: str | os.PathLike[str]) -> Path:
+    """The artifact ``path`` of run ``run_id`` copied into the folder ``dest``; ``LookupError`` when it cannot be had."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(_client(tracking_uri).download_artifacts(run_id, path, str(dest)))
+    except (MlflowException, OSError) as err:
+        raise LookupError(f"MLflow run {run_id} has no {path} artifact ({err})") from None
 
 
 # ----------------------------------------------------------------------------------------------
