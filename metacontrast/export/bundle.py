@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
 import shutil
 import string
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from .. import REPO_ROOT
+from ..tracking import filter_string, finite_metrics, local_tracking_uri, open_client
 from . import vendor
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,6 @@ class BundleSource:
 
 def _tracking_uri(uri: str) -> str:
     """A store given as a run folder (``<output_dir>``) or a ``.db`` file becomes its ``sqlite:///`` URI."""
-    from ..workflows.tracking import local_tracking_uri
-
     path = Path(uri).expanduser()
     if "://" not in uri and path.is_dir():
         return local_tracking_uri(path)
@@ -139,18 +137,6 @@ def _unflatten(params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for key, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number) and abs(number) < 1e300:  # MLflow stores inf as float max
-            out[key] = number
-    return out
-
-
 def source_from_mlflow(run_id: str, tracking_uri: str, workdir: str | Path) -> BundleSource:
     """The fine-tune run ``run_id``: its ``config.json`` (else its params), its ``model.pt`` artifact, and the
     test metrics of the newest FINISHED evaluate run with the same method, dataset, L and seed that started
@@ -158,11 +144,10 @@ def source_from_mlflow(run_id: str, tracking_uri: str, workdir: str | Path) -> B
 
     ``tracking_uri`` is an MLflow URI, or the run's output folder / ``mlruns.db`` for the default local store.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: MLflow takes seconds to import
 
     uri = _tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
+    client = open_client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
@@ -188,17 +173,15 @@ def source_from_mlflow(run_id: str, tracking_uri: str, workdir: str | Path) -> B
     evaluation = _evaluate_run(client, run, tags)
     return BundleSource(
         checkpoint=checkpoint, settings=settings, run_id=run_id, tracking_uri=uri,
-        eval_metrics=_finite(evaluation.data.metrics) if evaluation else {},
+        eval_metrics=finite_metrics(evaluation.data.metrics) if evaluation else {},
         evaluate_run_id=evaluation.info.run_id if evaluation else None, logged=True,
     )  # fmt: skip
 
 
 def _evaluate_run(client: Any, run: Any, tags: Mapping[str, str]) -> Any | None:
     keys = {k: tags[k] for k in ("method", "dataset", "num_labeled", "seed") if k in tags}
-    quote = lambda text: "'" + str(text).replace("\\", "\\\\").replace("'", "\\'") + "'"
-    clauses = ["tags.`workflow` = 'evaluate'", "attributes.status = 'FINISHED'"]
-    clauses += [f"tags.`{k}` = {quote(v)}" for k, v in keys.items()]
-    found = client.search_runs([run.info.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
+    query = filter_string({"workflow": "evaluate", **keys}, status="FINISHED")
+    found = client.search_runs([run.info.experiment_id], query, order_by=["attributes.start_time DESC"])
     after = [r for r in found if r.info.start_time >= run.info.start_time]
     return after[0] if after else None
 
@@ -236,7 +219,7 @@ def source_from_checkpoint(
     metrics: dict[str, float] = {}
     summary = ckpt.parent / "evaluation" / "summary.json"
     if summary.is_file():
-        metrics = _finite(flatten_summary(json.loads(summary.read_text()), prefix="test"))
+        metrics = finite_metrics(flatten_summary(json.loads(summary.read_text()), prefix="test"))
     return BundleSource(checkpoint=ckpt, settings=values, eval_metrics=metrics)
 
 

@@ -7,12 +7,12 @@ checkpoint cannot run code.  Every error names the file.
 :func:`prepare_output_dir` keeps one run per output folder: ``<output_dir>/<workflow>_run.json`` holds
 the config hash and the MLflow run id, a different config there is refused (:class:`OutputDirConflict`)
 unless overwriting is asked for, and the same config is resumed (see
-:class:`metacontrast.workflows.handlers.TrainingCheckpointer`).
+:class:`metacontrast.workflows.handlers.TrainingCheckpointer`); :func:`start_workflow_run`, which the
+bundle configs call, opens or continues the folder's MLflow run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,12 +20,16 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..io import atomic_write
 from ..nets.unet import PretrainedWeightsMismatch, SegmentationUNet, load_pretrained
+from ..ranks import FollowerRun, is_leader
+from ..tracking import TrackingRun, config_hash, start_run
+from ..tracking.store import redact
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +141,6 @@ def _canonical(config: Any) -> Any:
     return plain
 
 
-def _config_hash(config: Any) -> str:
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _differences(old: Any, new: Any, limit: int = 8) -> list[str]:
     if not isinstance(old, dict) or not isinstance(new, dict):
         return []
@@ -203,7 +202,7 @@ def prepare_output_dir(output_dir: str | Path, workflow: str, config: Any, overw
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     canonical = _canonical(config)
-    digest = _config_hash(canonical)
+    digest = config_hash(canonical)  # canonical is plain JSON: the same 16 digits as before the hashes were one
     path = state_file(output_dir, workflow)
     state = RunState(output_dir, workflow, digest, canonical)
     if not path.is_file():
@@ -233,3 +232,33 @@ def prepare_output_dir(output_dir: str | Path, workflow: str, config: Any, overw
     logger.warning("overwrite: %s held a %s run of another config; removed %d training checkpoint(s), starting over",
                    output_dir, workflow, len(removed))
     return state
+
+
+def start_workflow_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    output_dir: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    overwrite: bool | str = False,
+) -> TrackingRun:
+    """:func:`start_run` for a workflow that owns ``output_dir``: checked, resumable, recorded.
+
+    First :func:`prepare_output_dir` checks that the folder holds no
+    run of another config (``OutputDirConflict`` otherwise, unless ``overwrite``).  A folder holding a
+    run of this config continues that MLflow run (its id is stored in ``<output_dir>/<workflow>_run.json``),
+    so a crashed run that is started again stays one MLflow run; the id of the run opened here is then
+    written back to that file before any training happens.  ``tags["workflow"]`` names the workflow.
+    In a ``torchrun`` job rank 0 owns the folder and the run; other ranks get a
+    :class:`~metacontrast.ranks.FollowerRun` that logs nothing.
+    """
+    if not is_leader():
+        return FollowerRun()  # type: ignore[return-value]
+    workflow = str(tags.get("workflow", "run"))
+    state = prepare_output_dir(output_dir, workflow, config, overwrite=overwrite)
+    run = start_run(tracking_uri, experiment_name, run_name, tags, output_dir, resume_run_id=state.mlflow_run_id, config=config)
+    if state.resumed:
+        run.set_tags({"metacontrast.resumed": "true"})
+    state.record_run(run.run_id, redact(run.tracking_uri), experiment_name)
+    return run

@@ -21,12 +21,9 @@ import torch
 
 from ..data.samplers import MetaLabelBatchSampler, RandomBatchSampler
 from ..data.slices import SliceCache, build_slice_cache, make_slice_loader
+from ..errors import ConfigError
 
 SPLITS = ("pretrain", "train", "val", "test")
-
-
-class ConfigError(ValueError):
-    """A workflow setting that cannot work, reported before any training starts."""
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

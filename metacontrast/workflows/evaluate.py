@@ -13,6 +13,7 @@ only its geometry, no DICOM attribute.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,10 @@ from tqdm import tqdm
 
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
-from .metrics import summarise, volume_metrics, write_metrics_csv, write_summary
 from ..io import atomic_write
+from .checkpoints import load_checkpoint, state_dict_of
+from .data import cap, preprocessing_settings, read_manifest
+from .metrics import flatten_summary, summarise, volume_metrics, write_metrics_csv, write_summary
 
 
 def _absolute(entry: Mapping[str, Any], dataset_dir: str | Path) -> dict[str, Any]:
@@ -77,8 +80,6 @@ def save_prediction(pred: torch.Tensor, source: Path, source_volume: MetaTensor,
 
 
 def _gzip(image: nib.Nifti1Image) -> bytes:
-    import gzip
-
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
@@ -148,10 +149,6 @@ def run_evaluation(
     ``evaluation_last/``: with few validation volumes the best-by-validation choice is itself noisy, and
     the two side by side show how much the selection moved the result.  Returns the summary of ``ckpt``.
     """
-    from .checkpoints import load_checkpoint, state_dict_of
-    from .data import cap, preprocessing_settings, read_manifest
-    from .metrics import flatten_summary
-
     manifest = read_manifest(datalist)
     entries = cap(manifest[split], max_volumes)
     settings = preprocessing_settings(manifest, preprocessing_overrides, dataset)
