@@ -2,8 +2,11 @@
 
 Subpackages follow the pipeline: ``data`` (manifests, transforms, slice cache, samplers, augmentation),
 ``nets`` (U-Net encoder/decoder, projection heads), ``losses`` (one module per loss), ``engines``
-(the multi-loss trainer, GradMitigator, GradFilter) and ``workflows`` (fine-tune, evaluate, tracking).
-Subpackages load on first use, so ``import metacontrast`` (as bundle configs do) stays cheap.
+(the multi-loss trainer, GradMitigator, GradFilter), ``semi`` (semi-supervised fine-tune add-ons),
+``workflows`` (what the bundle configs instantiate: data, handlers, checkpoints, fine-tune, evaluate),
+``tracking`` (MLflow) and ``reporting`` (the grid, results, pictures, cards, run after training); ``ranks``
+and ``errors`` are the small modules every layer may import.  Subpackages load on first use, so
+``import metacontrast`` (as bundle configs do) stays cheap.
 """
 
 import importlib
@@ -11,7 +14,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 __version__ = "0.1.0"
-_SUBPACKAGES = ("data", "engines", "losses", "nets", "workflows")
+_SUBPACKAGES = ("data", "engines", "errors", "losses", "nets", "ranks", "reporting", "semi", "tracking", "workflows")
 
 
 def __getattr__(name: str):

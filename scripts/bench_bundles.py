@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.grid import method_names  # noqa: E402
+from metacontrast.reporting.grid import method_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = REPO / "bundles" / "common" / "configs"

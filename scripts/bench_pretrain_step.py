@@ -42,7 +42,7 @@ from metacontrast.data.augment import BatchAugmentation  # noqa: E402
 from metacontrast.engines import GradFilter, GradMitigator, MultiLossTrainer, TwoViewPrepareBatch  # noqa: E402
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss, nt_xent  # noqa: E402
 from metacontrast.nets import EncoderWithHeads, ProjectionHead, UNetEncoder, pooled_embedding  # noqa: E402
-from metacontrast.workflows.grid import method_names  # noqa: E402
+from metacontrast.reporting.grid import method_names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCALES = {"cpu": ((16, 32, 64, 128, 256), 96), "full": ((32, 64, 128, 256, 512), 192)}

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from metacontrast.io import atomic_write_text  # noqa: E402
-from metacontrast.workflows.compare import compare_pretraining  # noqa: E402
-from metacontrast.workflows.grid import method_names  # noqa: E402
+from metacontrast.reporting.compare import compare_pretraining  # noqa: E402
+from metacontrast.reporting.grid import method_names  # noqa: E402
 
 
 def main(dataset: str, stores: Sequence[str], labels: Sequence[str], methods: str | Sequence[str] = ("gcl",),

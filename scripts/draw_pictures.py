@@ -3,7 +3,7 @@
     python scripts/draw_pictures.py --dataset acdc --dataset_dir /data/ACDC/training \
         --tracking_uri sqlite:///runs/acdc/mlruns.db --out_dir results/acdc/figures
 
-Writes PNG files (see ``metacontrast/workflows/pictures.py``); a figure that cannot be drawn is named with
+Writes PNG files (see ``metacontrast/reporting/pictures.py``); a figure that cannot be drawn is named with
 what is missing, and the command then exits with status 1 after drawing the others.
 """
 
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.pictures import draw_pictures  # noqa: E402
+from metacontrast.reporting.pictures import draw_pictures  # noqa: E402
 
 
 @functools.wraps(draw_pictures)

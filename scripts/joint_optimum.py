@@ -3,7 +3,7 @@
     python scripts/joint_optimum.py --dataset acdc --dataset_dir /data/ACDC/training
 
 Free embeddings (one vector per slice of the pre-training split) optimised with Adam on the batches the
-bundle's sampler draws (see ``metacontrast/workflows/joint_optimum.py``); writes
+bundle's sampler draws (see ``metacontrast/reporting/joint_optimum.py``); writes
 ``results/<dataset>/joint_optimum.json``, which the pre-training curves draw as horizontal lines.  The
 default config is GCL's pre-training under the CPU preset.
 """
@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.joint_optimum import joint_optimum, write_joint_optimum  # noqa: E402
+from metacontrast.reporting.joint_optimum import joint_optimum, write_joint_optimum  # noqa: E402
 
 DEFAULT_CONFIG = ("bundles/gcl/configs/pretrain.json", "bundles/common/configs/presets/cpu.json")
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from metacontrast.io import atomic_write  # noqa: E402
-from metacontrast.workflows.tracking import search_runs  # noqa: E402
+from metacontrast.tracking import search_runs  # noqa: E402
 
 
 def main(dataset: str = "acdc", tracking_uri: str = "", output: str = "") -> str:

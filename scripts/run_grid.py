@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.grid import run_grid  # noqa: E402
+from metacontrast.reporting.grid import run_grid  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(run_grid)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.probe_grid import run_probes  # noqa: E402
+from metacontrast.reporting.probe_grid import run_probes  # noqa: E402
 
 if __name__ == "__main__":
     fire.Fire(run_probes)

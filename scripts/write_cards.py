@@ -4,7 +4,7 @@ from results/*/evaluate_runs.csv.
     python scripts/write_cards.py                      # after scripts/run_grid.py has written results/
 
 Only the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` changes; see
-``metacontrast/workflows/cards.py``.
+``metacontrast/reporting/cards.py``.
 """
 
 import sys
@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fire  # noqa: E402
 
-from metacontrast.workflows.cards import write_card_results, write_summary  # noqa: E402
+from metacontrast.reporting.cards import write_card_results, write_summary  # noqa: E402
 
 
 def main(results_dir: str = "results", bundles_dir: str = "bundles") -> None:

@@ -71,7 +71,7 @@ def sample_grid(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     runs 4 iterations of batch 16 (2 epochs, validated each), evaluate scores the test volume.  Returns the
     folders and the MLflow store; a test that changes something there must put it back.
     """
-    from metacontrast.workflows.grid import run_grid
+    from metacontrast.reporting.grid import run_grid
     from tests.helpers import in_repo
 
     root = tmp_path_factory.mktemp("sample_grid")

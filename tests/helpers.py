@@ -44,7 +44,7 @@ def finetune_and_evaluate(repo_root: Path, root: Path, **overrides) -> dict:
     the FINISHED fine-tune run (the run the exporter takes)."""
     from monai.bundle import run as run_bundle
 
-    from metacontrast.workflows.tracking import find_run, local_tracking_uri
+    from metacontrast.tracking import find_run, local_tracking_uri
 
     output_dir = root / "out"
     settings = {"runs_dir": str(root / "runs"), "output_dir": str(output_dir), "cache_dir": str(root / "cache"), **overrides}

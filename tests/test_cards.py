@@ -1,4 +1,4 @@
-"""Model cards quote the results tables through scripts/write_cards.py (metacontrast/workflows/cards.py)."""
+"""Model cards quote the results tables through scripts/write_cards.py (metacontrast/reporting/cards.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from metacontrast.workflows.cards import BEGIN, END, card_rows, write_card_results
-from metacontrast.workflows.results import CSV_COLUMNS
+from metacontrast.reporting.cards import BEGIN, END, card_rows, write_card_results
+from metacontrast.reporting.results import CSV_COLUMNS
 
 CARD = f"# GCL\n\nIntro.\n\n## Results\n\nSee the tables.\n\n{BEGIN}\nstale\n{END}\n\n## Figures\n\nkept\n"
 
@@ -79,7 +79,7 @@ def test_committed_cards_match_the_committed_results(repo_root: Path, tmp_path: 
 
 
 def test_summary_block_gives_gains_over_random_and_over_the_full_method(tmp_path: Path) -> None:
-    from metacontrast.workflows.cards import write_summary
+    from metacontrast.reporting.cards import write_summary
 
     _write_csv(tmp_path / "acdc" / "evaluate_runs.csv", {
         ("random@improved", 1, 0): 0.2, ("random@improved", 1, 1): 0.4, ("gcl@improved", 1, 0): 0.3, ("gcl@improved", 1, 1): 0.6,
@@ -96,7 +96,7 @@ def test_summary_block_gives_gains_over_random_and_over_the_full_method(tmp_path
 
 
 def test_committed_results_readme_matches_the_committed_results(repo_root: Path, tmp_path: Path) -> None:
-    from metacontrast.workflows.cards import write_summary
+    from metacontrast.reporting.cards import write_summary
 
     copy = tmp_path / "README.md"
     shutil.copy(repo_root / "results" / "README.md", copy)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from metacontrast.workflows.compare import chance_level, compare_pretraining, compare_stores
-from metacontrast.workflows.tracking import start_run
+from metacontrast.reporting.compare import chance_level, compare_pretraining, compare_stores
+from metacontrast.tracking import start_run
 
 
 def _store(out_dir: Path, val_histories: dict[int, list[float]], test_dice: dict[int, float]) -> str:

@@ -19,7 +19,7 @@ import torch
 from metacontrast.data.pack import SlicePackError, read_pack_info
 from metacontrast.data.slices import build_slice_cache
 from metacontrast.device.packer import pack_dataset
-from metacontrast.workflows.tracking import completed_runs
+from metacontrast.tracking import completed_runs
 
 SAMPLE_DIR = "sample_data/hippocampus"
 SIZE = ([1.0, 1.0], [64, 64])

@@ -126,7 +126,7 @@ def gcl_runs(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _run(out: Path):
-    from metacontrast.workflows.pictures import RunStore
+    from metacontrast.tracking import RunStore
 
     store = RunStore(f"sqlite:///{(out / 'mlruns.db').resolve()}", "sample")
     (run,) = store.runs("pretrain")
@@ -158,7 +158,8 @@ def test_measuring_does_not_change_the_trajectory(gcl_runs: dict):
 def test_curves_draw_the_joint_optimum_of_matching_settings(gcl_runs: dict, tmp_path: Path):
     from PIL import Image
 
-    from metacontrast.workflows.pictures import PANEL_PX, joint_optimum_for, metric_families, plot_pretrain_curves
+    from metacontrast.reporting.curves import joint_optimum_for, metric_families, plot_pretrain_curves
+    from metacontrast.reporting.figures import PANEL_PX
 
     store, run = _run(gcl_runs["measured"])
     optimum = {"temperature": 0.1, "batch_size": 48, "terms": {"img/patient_id": {"chance": 4.5, "min": 2.0, "joint": 3.0}}}
@@ -174,7 +175,7 @@ def test_curves_draw_the_joint_optimum_of_matching_settings(gcl_runs: dict, tmp_
 def test_free_embeddings_reach_the_single_label_minimum_and_the_joint_optimum_costs():
     """2 patients x 2 slices, quantile crossing patient: alone, patient ID reaches log 3 (its bound); jointly
     both terms stay above what each reaches alone, since one embedding cannot group by both."""
-    from metacontrast.workflows.joint_optimum import evaluate_terms, optimise_free_embeddings
+    from metacontrast.reporting.joint_optimum import evaluate_terms, optimise_free_embeddings
 
     meta = {"patient_id": PATIENT, "slice_quantile": torch.tensor([0, 1, 0, 1])}
     batches = [[0, 1, 2, 3]]

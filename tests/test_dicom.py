@@ -18,7 +18,8 @@ from metacontrast.data.dicom import (
     reader_for,
 )
 from metacontrast.data.errors import InvalidVolumeError
-from metacontrast.data.manifest import SALT_ENV, SPLITS, build_dicom_manifest, pseudonymise
+from metacontrast.data.discovery import SALT_ENV, pseudonymise
+from metacontrast.data.manifest import SPLITS, build_dicom_manifest
 
 PATIENTS = ("PGBM-001", "PGBM-003")
 

@@ -45,8 +45,9 @@ from metacontrast.export.verify import check_metadata
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import initialise_encoder, read_manifest
-from metacontrast.workflows.results import aggregate, collect_evaluate_runs, format_table
-from metacontrast.workflows.tracking import find_run
+from metacontrast.reporting.results import collect_evaluate_runs, format_table
+from metacontrast.reporting.tables import aggregate
+from metacontrast.tracking import find_run
 
 FINETUNE = "bundles/common/configs/finetune.json"
 SAMPLE_MANIFEST = "data_manifests/sample.json"

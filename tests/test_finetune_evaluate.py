@@ -26,11 +26,12 @@ from monai.bundle import run as run_bundle
 
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import PretrainedWeightsMismatch, encoder_state_dict
-from metacontrast.workflows import ConfigError, FinetuneData, initialise_encoder, read_manifest, select_labeled
+from metacontrast.errors import ConfigError
+from metacontrast.workflows import FinetuneData, initialise_encoder, read_manifest, select_labeled
 from metacontrast.data.transforms import volume_preprocessing
 from metacontrast.workflows.evaluate import evaluate_split, run_evaluation, score_saved_predictions, to_source_grid
 from metacontrast.workflows.metrics import flatten_summary
-from metacontrast.workflows.tracking import local_tracking_uri, start_run
+from metacontrast.tracking import local_tracking_uri, start_run
 from tests.helpers import in_repo
 
 FINETUNE = "bundles/common/configs/finetune.json"

@@ -20,7 +20,7 @@ from metacontrast.losses import GlobalContrastiveLoss, LocalContrastiveLoss, glo
 from metacontrast.losses.contrastive import multi_positive_info_nce, positive_mask, view_ids
 from metacontrast.nets import DecoderWithHeads, ProjectionHead, UNetEncoder, encoder_state_dict
 from metacontrast.workflows import initialise_encoder
-from metacontrast.workflows.grid import parse_method
+from metacontrast.reporting.grid import parse_method
 from tests.helpers import in_repo, parsed_config, pretrained_decoder_checkpoint
 
 PRETRAIN = "bundles/glcl/configs/pretrain.json"

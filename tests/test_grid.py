@@ -1,6 +1,6 @@
 """The results grid end to end (issue 5) and the CPU-scale preset end to end (issue 10).
 
-* One call of :func:`metacontrast.workflows.grid.run_grid` on the embedded sample -- random init and
+* One call of :func:`metacontrast.reporting.grid.run_grid` on the embedded sample -- random init and
   GCL, L = 1, two seeds, tiny networks -- pre-trains GCL once, fine-tunes and evaluates all four
   combinations, and writes the CSV, the Markdown table (values = mean ± std of the MLflow runs) and
   the plot; the same call again starts no new run.
@@ -32,7 +32,7 @@ from metacontrast.data.slices import slice_cache_key
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import read_manifest
-from metacontrast.workflows.grid import run_grid
+from metacontrast.reporting.grid import run_grid
 from tests.helpers import in_repo
 
 pytestmark = pytest.mark.slow
@@ -316,7 +316,7 @@ def test_preset_predictions_keep_the_source_nifti_affine(preset_run: dict[str, A
 def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
     """'gcl+mean_teacher' fine-tunes with Mean Teacher (semi_supervised is passed on); an unknown add-on is
     refused rather than run as plain fine-tuning under its label."""
-    from metacontrast.workflows.grid import parse_method
+    from metacontrast.reporting.grid import parse_method
 
     with pytest.raises(ValueError, match=r"unknown semi-supervised add-on 'fixmatch'; known: mean_teacher, mixup, cross_pseudo"):
         parse_method("gcl+fixmatch")
@@ -330,8 +330,8 @@ def test_unimplemented_semi_supervised_add_on_is_refused() -> None:
 def test_row_names_split_once_and_name_their_pre_training() -> None:
     """One grammar, ``<bundle>[/<variant>][+<add-on>][@<recipe>]``: a pre-training ablation runs under its
     own name, a fine-tune-only variant and an add-on reuse the bundle's pre-training, random init has none."""
-    from metacontrast.workflows.grid import parse_method
-    from metacontrast.workflows.method_name import MethodName, split_method_name, with_recipe
+    from metacontrast.reporting.grid import parse_method
+    from metacontrast.reporting.method_name import MethodName, split_method_name, with_recipe
 
     parts = split_method_name("gcl/naive_sum+mean_teacher@improved")
     assert parts == MethodName("gcl", "naive_sum", "mean_teacher", "improved")
@@ -346,7 +346,7 @@ def test_row_names_split_once_and_name_their_pre_training() -> None:
 
 def test_method_names_from_the_command_line() -> None:
     """fire passes '[random@improved,gcl+mixup]' as one string: it becomes two rows, not one per character."""
-    from metacontrast.workflows.grid import method_names
+    from metacontrast.reporting.grid import method_names
 
     assert method_names("[random@improved, gcl+mixup]") == ["random@improved", "gcl+mixup"]
     assert method_names("['random@improved','gcl']") == ["random@improved", "gcl"]
@@ -356,7 +356,7 @@ def test_method_names_from_the_command_line() -> None:
 def test_bundle_finetune_defaults_are_merged_over_the_common_configs(repo_root: Path) -> None:
     """A bundle with configs/finetune.json (IDEAL: cross pseudo supervision) gets it merged over the common
     fine-tune and evaluate configs; a bundle without one runs the common configs alone."""
-    from metacontrast.workflows.grid import parse_method
+    from metacontrast.reporting.grid import parse_method
 
     own = repo_root / "bundles" / "ideal" / "configs" / "finetune.json"
     if not (repo_root / "bundles" / "ideal" / "configs" / "pretrain.json").is_file():
@@ -378,8 +378,8 @@ def test_bundle_finetune_defaults_are_merged_over_the_common_configs(repo_root: 
 def test_random_init_variants_build_the_network_of_the_encoder_they_are_compared_with() -> None:
     """'random/batch_norm@improved' is random init of the batch-norm U-Net (no pre-training) under the recipe;
     an unknown variant is refused naming the file and the known variants; the probe grid's random rows agree."""
-    from metacontrast.workflows.grid import parse_method
-    from metacontrast.workflows.probe_grid import encoder_entry
+    from metacontrast.reporting.grid import parse_method
+    from metacontrast.reporting.probe_grid import encoder_entry
 
     spec = parse_method("random/batch_norm@improved")
     assert spec.pretraining is None

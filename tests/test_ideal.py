@@ -19,7 +19,7 @@ from metacontrast.data.augment import BatchAugmentation
 from metacontrast.losses import CorrespondingViewsPrepareBatch, IDEALLoss, two_views_with_grids, view_correspondence
 from metacontrast.nets import SegmentationUNet
 from metacontrast.workflows import initialise_encoder
-from metacontrast.workflows.grid import parse_method
+from metacontrast.reporting.grid import parse_method
 
 from tests.helpers import in_repo
 

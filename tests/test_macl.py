@@ -19,7 +19,7 @@ from monai.bundle import run as run_bundle
 from metacontrast.losses import MACLLoss, dense_contrastive, equivariant_regularisation, global_contrastive, position_positive_mask
 from metacontrast.nets import DEFAULT_CHANNELS, MACLNetwork, PixelProjector, PooledProjectionHead, SegmentationUNet, UNetEncoder, encoder_state_dict
 from metacontrast.workflows import initialise_encoder
-from metacontrast.workflows.grid import parse_method
+from metacontrast.reporting.grid import parse_method
 from tests.helpers import in_repo, parsed_config, pretrained_decoder_checkpoint
 
 PRETRAIN = "bundles/macl/configs/pretrain.json"

@@ -21,8 +21,8 @@ import pydicom
 import pytest
 
 from metacontrast.data.dicom import check_series_geometry
+from metacontrast.data.discovery import SALT_ENV, parse_info_cfg
 from metacontrast.data.manifest import (
-    SALT_ENV,
     SPLITS,
     InvalidVolumeError,
     SplitCounts,
@@ -30,7 +30,6 @@ from metacontrast.data.manifest import (
     atomic_write_text,
     build_manifest,
     make_manifest,
-    parse_info_cfg,
     report_path,
 )
 

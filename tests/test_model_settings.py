@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from monai.bundle import run as run_bundle
 
 from metacontrast.nets import SegmentationUNet
-from metacontrast.workflows.checkpoints import MODEL_SETTINGS_KEY, ModelSettingsConflict, read_model_settings, settings_equal
+from metacontrast.workflows.model_settings import MODEL_SETTINGS_KEY, ModelSettingsConflict, read_model_settings, settings_equal
 from metacontrast.workflows.data import read_manifest
 from metacontrast.workflows.evaluate import settings_for_evaluation
 from tests.helpers import in_repo

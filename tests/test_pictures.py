@@ -28,15 +28,11 @@ from matplotlib import colormaps
 from matplotlib.image import imread
 from mlflow import MlflowClient
 
-from metacontrast.workflows.pictures import (
-    PANEL_PX,
-    TILE_PX,
-    EncoderEmbedding,
-    choose_overlay_slices,
-    draw_pictures,
-    metric_families,
-    tsne,
-)
+from metacontrast.reporting.curves import metric_families
+from metacontrast.reporting.figures import PANEL_PX, TILE_PX
+from metacontrast.reporting.overlays import choose_overlay_slices
+from metacontrast.reporting.pictures import draw_pictures
+from metacontrast.reporting.tsne import EncoderEmbedding, tsne
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from metacontrast.engines import GradMitigator, MultiLossEvents, MultiLossTraine
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss
 from metacontrast.nets import PretrainedWeightsMismatch, SegmentationUNet, UNetEncoder
 from metacontrast.workflows import checkpoint_norm, initialise_encoder
-from metacontrast.workflows.grid import parse_method
+from metacontrast.reporting.grid import parse_method
 
 TINY = [4, 8, 16, 32, 64]
 BUNDLES = ("gcl", "simclr", "glcl", "spcl", "macl", "ideal")

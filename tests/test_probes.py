@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import run as run_bundle
 
 from metacontrast.nets import SegmentationUNet
-from metacontrast.workflows.probe_grid import encoder_entry, run_probes
-from metacontrast.workflows.probe_results import collect_probe_runs
+from metacontrast.reporting.probe_grid import encoder_entry, run_probes
+from metacontrast.reporting.probe_results import collect_probe_runs
 from metacontrast.workflows.probes import KNNProbe, mean_pairwise_cosine, patient_retrieval
 from tests.helpers import in_repo
 
@@ -124,8 +124,8 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
 
 
 def test_write_results_tables_the_probe_runs_of_its_store(tmp_path: Path) -> None:
-    from metacontrast.workflows.results import write_results
-    from metacontrast.workflows.tracking import start_run
+    from metacontrast.reporting.results import write_results
+    from metacontrast.tracking import start_run
 
     def log(tags: dict, metrics: dict) -> None:
         run = start_run("", "grid", "run", {"dataset": "acdc", **tags}, tmp_path / "store")
@@ -150,7 +150,7 @@ def test_write_results_tables_the_probe_runs_of_its_store(tmp_path: Path) -> Non
 
 
 def test_a_batch_norm_encoder_is_compared_with_the_batch_norm_random_encoder() -> None:
-    from metacontrast.workflows.probe_results import format_gain_table, reference_of
+    from metacontrast.reporting.probe_results import format_gain_table, reference_of
 
     norms = {"random": "instance", "random/batch_norm": "batch", "gcl/bn": "batch", "simclr": "instance"}
     references = ["random", "random/batch_norm"]

@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 from monai.bundle import run as run_bundle
 
 from metacontrast.workflows.checkpoints import state_file
-from metacontrast.workflows.tracking import local_tracking_uri
+from metacontrast.tracking import local_tracking_uri
 
 pytestmark = pytest.mark.slow
 

@@ -34,10 +34,11 @@ from torch import nn
 from metacontrast.engines import MultiLossTrainer, NonFiniteLossError
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import PretrainedWeightsMismatch, encoder_state_dict
-from metacontrast.workflows import ConfigError, UnsafeCheckpointError, load_checkpoint
+from metacontrast.errors import ConfigError
+from metacontrast.workflows import UnsafeCheckpointError, load_checkpoint
 from metacontrast.workflows.checkpoints import OutputDirConflict, state_file
 from metacontrast.workflows.handlers import FiniteCheckpointSaver, TrainingCheckpointer, UnusableCheckpoint
-from metacontrast.workflows.tracking import TrackingFallbackWarning, local_tracking_uri
+from metacontrast.tracking import TrackingFallbackWarning, local_tracking_uri
 
 FEATURES = [8, 16, 32, 64, 128]
 GCL_PRETRAIN = "bundles/gcl/configs/pretrain.json"

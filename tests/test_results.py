@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from metacontrast.workflows.results import write_results
-from metacontrast.workflows.tracking import TrackingRun, start_run
+from metacontrast.reporting.results import write_results
+from metacontrast.tracking import TrackingRun, start_run
 
 NAN = float("nan")
 # (method, L, seed) -> (test_dice_mean, test_hd95_mean, test_asd_mean), as the evaluate workflow logs them
@@ -126,7 +126,7 @@ def _comparison_rows(text: str, num_labeled: int) -> dict[str, list[str]]:
 
 
 def test_paper_comparison_takes_gains_within_each_source():
-    from metacontrast.workflows.results import format_paper_comparison
+    from metacontrast.reporting.papers import format_paper_comparison
 
     rows = _rows({("random", 1, 0): 0.30, ("random", 1, 1): 0.40, ("gcl", 1, 0): 0.45, ("gcl", 1, 1): 0.55})
     gcl = _comparison_rows(format_paper_comparison(rows, "acdc"), 1)["gcl"]
@@ -136,7 +136,7 @@ def test_paper_comparison_takes_gains_within_each_source():
 
 def test_paper_comparison_takes_gains_within_each_recipe():
     """'gcl@improved' is compared with 'random@improved' (not the paper recipe's random row) and with the paper's 'gcl'."""
-    from metacontrast.workflows.results import format_paper_comparison
+    from metacontrast.reporting.papers import format_paper_comparison
 
     rows = _rows({("random", 1, 0): 0.15, ("gcl", 1, 0): 0.16, ("random@improved", 1, 0): 0.30, ("gcl@improved", 1, 0): 0.40})
     got = _comparison_rows(format_paper_comparison(rows, "acdc"), 1)
@@ -148,7 +148,7 @@ def test_paper_comparison_takes_gains_within_each_recipe():
 def test_gains_are_paired_by_seed():
     """The per-seed difference removes the labelled-volume draw: a method 0.02 above random at every seed has
     gain +0.020 ± 0.000 however far apart the seeds are; a seed only one row has is left out."""
-    from metacontrast.workflows.results import paired_gain
+    from metacontrast.reporting.tables import paired_gain
 
     rows = _rows({("random", 1, 0): 0.20, ("random", 1, 1): 0.60, ("random", 1, 2): 0.40,
                   ("gcl", 1, 0): 0.22, ("gcl", 1, 1): 0.62, ("gcl", 1, 3): 0.90})
@@ -158,7 +158,7 @@ def test_gains_are_paired_by_seed():
 
 
 def test_ablations_compare_each_variant_with_its_full_method():
-    from metacontrast.workflows.results import format_ablations
+    from metacontrast.reporting.papers import format_ablations
 
     rows = _rows({("gcl@improved", 1, 0): 0.50, ("gcl@improved", 1, 1): 0.40,
                   ("gcl/no_filter@improved", 1, 0): 0.45, ("gcl/no_filter@improved", 1, 1): 0.33,

@@ -45,9 +45,10 @@ from metacontrast.semi import (
     sample_lambda,
     sigmoid_rampup,
 )
-from metacontrast.workflows import ConfigError, FinetuneData
-from metacontrast.workflows.grid import run_grid
-from metacontrast.workflows.tracking import local_tracking_uri
+from metacontrast.errors import ConfigError
+from metacontrast.workflows import FinetuneData
+from metacontrast.reporting.grid import run_grid
+from metacontrast.tracking import local_tracking_uri
 from tests.helpers import in_repo
 
 FINETUNE = "bundles/common/configs/finetune.json"

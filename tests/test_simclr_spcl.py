@@ -18,7 +18,7 @@ from metacontrast.engines import SelfPacedSchedule, power_pace
 from metacontrast.losses import SimCLRLoss, SPCLLoss, self_paced_regulariser, self_paced_weights
 from metacontrast.nets import SegmentationUNet
 from metacontrast.workflows import initialise_encoder
-from metacontrast.workflows.grid import parse_method
+from metacontrast.reporting.grid import parse_method
 
 SIMCLR = "bundles/simclr/configs/pretrain.json"
 SPCL = "bundles/spcl/configs/pretrain.json"

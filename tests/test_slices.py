@@ -11,7 +11,8 @@ import torch
 
 from metacontrast.data import slices
 from metacontrast.data.samplers import MetaLabelBatchSampler
-from metacontrast.data.slices import SliceCache, SliceDataset, build_slice_cache, make_slice_loader
+from metacontrast.data.slice_loader import SliceDataset, make_slice_loader
+from metacontrast.data.slices import SliceCache, build_slice_cache
 
 PIXEL, SIZE = (2.734, 2.734), (96, 96)  # the CPU-scale preset keeps these tests fast
 PATIENTS = ("patient002", "patient001", "patient090")  # 090 has 7 slices, the others 10

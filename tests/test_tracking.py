@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 from mlflow import MlflowClient
 
-from metacontrast.workflows.tracking import (
+from metacontrast.tracking import (
     MAX_PARAM_VALUE,
     MLflowEpochHandler,
     TrackingFallbackWarning,

@@ -2,7 +2,7 @@
 
 import importlib
 
-_MODULES = ("augment", "dicom", "errors", "manifest", "samplers", "slices", "transforms")
+_MODULES = ("augment", "dicom", "discovery", "errors", "manifest", "pack", "samplers", "slice_loader", "slices", "transforms", "volume_check")
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ import monai
 import torch
 from monai.data import Dataset as MonaiDataset
 from monai.transforms import Compose, EnsureTyped
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from metacontrast.io import atomic_torch_save
@@ -44,9 +44,7 @@ __all__ = [
     "CACHE_VERSION",
     "META_KEYS",
     "SliceCache",
-    "SliceDataset",
     "build_slice_cache",
-    "make_slice_loader",
     "slice_cache_key",
 ]
 
@@ -404,53 +402,3 @@ def build_slice_cache(
     if path is not None:
         atomic_torch_save({**cache.state(), "key": key}, path)
     return cache
-
-
-class SliceDataset(Dataset):
-    """A map-style dataset over a :class:`SliceCache` whose batched fetch is one ``index_select`` per tensor.
-
-    ``dataset[i]`` gives one slice as a dict (``image`` ``(1, H, W)``, ``label`` ``(1, H, W)`` if any,
-    each meta key a 0-d tensor). ``dataset.__getitems__(indices)`` (what ``DataLoader`` calls with a
-    batch sampler) gives the whole batch at once: ``image`` ``(B, 1, H, W)``, ``label`` ``(B, 1, H, W)``,
-    meta keys ``(B,)``, all on the cache's device, with no per-sample Python.
-    """
-
-    def __init__(self, cache: SliceCache) -> None:
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.cache)
-
-    def _tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
-        yield "image", self.cache.images
-        if self.cache.labels is not None:
-            yield "label", self.cache.labels
-        yield from self.cache.meta.items()
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: t[index] for k, t in self._tensors()}
-
-    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.cache.device)
-        return {k: t.index_select(0, idx) for k, t in self._tensors()}
-
-
-def make_slice_loader(
-    cache: SliceCache,
-    batch_sampler: Iterable[list[int]],
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A ``DataLoader`` yielding dict batches of ``cache`` in the order of ``batch_sampler``.
-
-    With the cache on the GPU keep ``num_workers=0``: batches are then gathered on the device.
-    """
-    if cache.device.type != "cpu" and (num_workers or pin_memory):
-        raise ValueError("a cache on an accelerator is batched in-process: use num_workers=0, pin_memory=False")
-    return DataLoader(
-        SliceDataset(cache),
-        batch_sampler=batch_sampler,
-        collate_fn=_identity,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from metacontrast.workflows.tracking import _client, _experiment_id
+from metacontrast.tracking import filter_string, get_experiment_id, open_client
 
 __all__ = ["SOURCE_TAG", "import_device_run", "join_parts", "merge_store"]
 
@@ -48,15 +48,15 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 
 def merge_store(source_uri: str, target_uri: str) -> dict[str, int]:
     """Copy every run of ``source_uri`` into ``target_uri`` (same experiment names); returns counts."""
-    from mlflow.entities import Param, RunStatus  # heavy, as above
+    from mlflow.entities import Param, RunStatus  # heavy: MLflow takes seconds to import
 
-    src, dst = _client(source_uri), _client(target_uri)
+    src, dst = open_client(source_uri), open_client(target_uri)
     counts = {"copied": 0, "skipped": 0, "replaced": 0}
     for experiment in src.search_experiments():
-        exp_id = _experiment_id(dst, target_uri, experiment.name)  # artifacts beside the target's database
+        exp_id = get_experiment_id(dst, target_uri, experiment.name)  # artifacts beside the target's database
         for run in src.search_runs([experiment.experiment_id], max_results=50000):
             source_id = run.info.run_id
-            earlier = dst.search_runs([exp_id], filter_string=f"tags.{SOURCE_TAG} = '{source_id}'")
+            earlier = dst.search_runs([exp_id], filter_string=filter_string({SOURCE_TAG: source_id}))
             if any(r.info.status == "FINISHED" for r in earlier):
                 counts["skipped"] += 1
                 continue

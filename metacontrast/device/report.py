@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from metacontrast.workflows.results import markdown_head
-from metacontrast.workflows.tracking import _client
+from metacontrast.reporting.tables import markdown_head
+from metacontrast.tracking import filter_string, get_experiment_id, open_client
 
 __all__ = ["benchmark_table", "pretraining_table", "device_report"]
 
@@ -44,9 +44,9 @@ def _epoch_seconds(client: Any, run_id: str) -> tuple[int, float]:
 
 def pretraining_table(tracking_uri: str, experiment_name: str) -> str:
     """Every pre-training run of the store: status, epochs, s/epoch, projected wall time, last terms and spreads."""
-    client = _client(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    runs = client.search_runs([experiment.experiment_id], "tags.workflow = 'pretrain'") if experiment else []
+    client = open_client(tracking_uri)
+    experiment_id = get_experiment_id(client, tracking_uri, experiment_name, create=False)
+    runs = client.search_runs([experiment_id], filter_string({"workflow": "pretrain"})) if experiment_id else []
     lines = markdown_head(f"Pre-trainings in {tracking_uri.split('///')[-1]}",
                           ["method", "status", "epochs", "of", "s/epoch", "projected min", "term", "last", "chance"], left_aligned=2)
     for run in runs:

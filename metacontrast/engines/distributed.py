@@ -35,7 +35,7 @@ round-off), with any ``N`` (shards may differ by one slice; a rank may even have
      without per-label gradients (mitigator off, SimCLR, SPCL) average ``param.grad`` at
      ``GRADIENTS_READY``.  No gradient is averaged twice.
 
-Only rank 0 logs to MLflow, shows progress and writes files (:func:`for_rank`, :class:`FollowerRun`);
+Only rank 0 logs to MLflow, shows progress and writes files (:func:`for_rank`, :class:`metacontrast.ranks.FollowerRun`);
 every rank resumes from the same training checkpoint (rank 0 first, so a damaged file is set aside once).
 """
 
@@ -49,14 +49,17 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
+from ignite.contrib.handlers import ProgressBar
 from ignite.engine import Engine, Events
 from monai.engines.utils import PrepareBatch
+from monai.handlers import CheckpointSaver, StatsHandler, ValidationHandler
 from torch import nn
 
+from ..errors import ConfigError
+from ..ranks import is_leader, rank, world_size
 from .events import MultiLossEvents
 
 __all__ = [
-    "FollowerRun",
     "GlobalBatchLoss",
     "GradientAllReduce",
     "DistributedPretraining",
@@ -72,22 +75,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # process group
 # ----------------------------------------------------------------------------------------------
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank: from the process group, else ``RANK`` as ``torchrun`` sets it, else 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
-def is_leader() -> bool:
-    """Rank 0: the process that logs and writes."""
-    return rank() == 0
 
 
 def local_device() -> str:
@@ -122,8 +109,6 @@ def init_process_group(backend: str = "nccl", timeout_s: float = 1800.0) -> int:
 
 def check_supported(key: str, value: Any, supported: Sequence[Any]) -> None:
     """Refuse a setting the multi-process workflow does not handle (a :class:`ConfigError` naming ``key``)."""
-    from ..workflows.data import ConfigError
-
     if value not in supported:
         raise ConfigError(f"{key}={value!r} is not supported on several processes (supported: {list(supported)})")
 
@@ -340,19 +325,6 @@ class DistributedPretraining:
 # ----------------------------------------------------------------------------------------------
 
 
-class FollowerRun:
-    """Stands in for the MLflow run on ranks other than 0: accepts every logging call and does nothing."""
-
-    run_id = None
-    tracking_uri = ""
-    is_fallback = False
-
-    def __getattr__(self, name: str) -> Callable[..., bool]:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: False
-
-
 class _RankedCheckpointer:
     """A ``TrainingCheckpointer`` on several ranks: rank 0 resumes (setting damaged files aside) and saves;
     the others wait for it, then resume from the same file, and never save."""
@@ -370,15 +342,13 @@ class _RankedCheckpointer:
             engine.add_event_handler(Events.STARTED, self.checkpointer.resume)
 
 
-def _output_only_types() -> tuple[type, ...]:
-    """Handlers that only show, log or write (dropped on ranks other than 0)."""
-    from ignite.contrib.handlers import ProgressBar
-    from monai.handlers import CheckpointSaver, StatsHandler, ValidationHandler
+#: handlers of ignite and MONAI that only show, log or write (the package's own say so with ``leader_only``)
+OUTPUT_ONLY_TYPES = (ProgressBar, CheckpointSaver, StatsHandler, ValidationHandler)
 
-    from ..workflows.handlers import EncoderSaver, LossTermLogger
-    from ..workflows.tracking import MLflowEpochHandler
 
-    return (ProgressBar, CheckpointSaver, StatsHandler, ValidationHandler, EncoderSaver, LossTermLogger, MLflowEpochHandler)
+def _output_only(handler: Any) -> bool:
+    """Whether a handler only shows, logs or writes (dropped on ranks other than 0; see :mod:`metacontrast.ranks`)."""
+    return isinstance(handler, OUTPUT_ONLY_TYPES) or bool(getattr(handler, "leader_only", False))
 
 
 def for_rank(handlers: Sequence[Any]) -> list[Any]:
@@ -389,9 +359,7 @@ def for_rank(handlers: Sequence[Any]) -> list[Any]:
     and keep everything that changes training (LR schedule, ...), so no rank's state can drift.  A
     ``TrainingCheckpointer`` resumes on every rank (rank 0 first) and saves on rank 0 only.
     """
-    from ..workflows.handlers import TrainingCheckpointer
-
-    wrap = lambda h: _RankedCheckpointer(h) if isinstance(h, TrainingCheckpointer) else h
+    wrap = lambda h: _RankedCheckpointer(h) if getattr(h, "resumes_on_every_rank", False) else h
     if is_leader():
         return [wrap(h) for h in handlers]
-    return [wrap(h) for h in handlers if not isinstance(h, _output_only_types())]
+    return [wrap(h) for h in handlers if not _output_only(h)]

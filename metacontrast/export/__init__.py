@@ -1,7 +1,7 @@
 """Export a fine-tuned run as a self-contained MONAI Model Zoo bundle (``scripts/export_bundle.py``).
 
 * :mod:`.bundle` -- :func:`export_bundle`: the run -> ``dist/<name>/``, written with one :class:`ExportOptions`;
-* :mod:`.source` -- the run: an MLflow fine-tune run (read through :mod:`metacontrast.workflows.tracking`) or a
+* :mod:`.source` -- the run: an MLflow fine-tune run (read through :mod:`metacontrast.tracking`) or a
   checkpoint with its settings;
 * :mod:`.configs` -- the bundle's train / evaluate / inference configs, derived from the shared workflows;
 * :mod:`.card` -- ``metadata.json`` and the model card;

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import REPO_ROOT
+from ..reporting.method_name import split_method_name
 from . import vendor
 from .configs import TEMPLATES, preprocessing_of
 from .source import BundleSource
@@ -92,7 +93,7 @@ def _initialisation(settings: Mapping[str, Any]) -> str:
 
 def _method_references(method: str) -> list[str]:
     """References of the method's bundle (``bundles/<method>/configs/metadata.json``), none for random init."""
-    base = re.split(r"[+/]", method)[0]
+    base = split_method_name(method).bundle
     path = REPO_ROOT / "bundles" / base / "configs" / "metadata.json"
     if base in ("", "random", "common") or not path.is_file():
         return []

@@ -3,7 +3,7 @@
 :func:`find_source` takes one of the two and lays the settings given to the exporter over the run's:
 
 * :func:`source_from_mlflow` -- the run's logged ``config.json`` (else its params), its ``model.pt`` artifact
-  and the test metrics of its evaluate run, all read through :mod:`metacontrast.workflows.tracking`;
+  and the test metrics of its evaluate run, all read through :mod:`metacontrast.tracking`;
 * :func:`source_from_checkpoint` -- the settings given (defaults from ``finetune.json``), test metrics from
   ``<checkpoint folder>/evaluation/summary.json`` when the evaluate workflow wrote one.
 
@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from .. import REPO_ROOT
 from ..workflows.checkpoints import load_checkpoint, state_dict_of
 from ..workflows.metrics import flatten_summary
-from ..workflows.tracking import download_artifact, get_run, local_tracking_uri, search_runs
+from ..tracking import download_artifact, finite_metrics, get_run, local_tracking_uri, search_runs
 from . import ExportError
 from .configs import FINETUNE_CONFIG
 
@@ -97,19 +96,6 @@ def _unflatten(params: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of ``metrics`` (MLflow stores infinity as the largest float: dropped too)."""
-    out = {}
-    for key, value in metrics.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(number) and abs(number) < 1e300:
-            out[key] = number
-    return out
-
-
 def _evaluate_run(uri: str, run: Any) -> Any | None:
     """The newest FINISHED evaluate run of ``run``'s experiment and cell that started after it, or ``None``."""
     tags = {"workflow": "evaluate", **{k: run.data.tags[k] for k in RUN_KEYS if k in run.data.tags}}
@@ -150,7 +136,7 @@ def source_from_mlflow(run_id: str, tracking_uri: str, workdir: str | Path) -> B
     evaluation = _evaluate_run(uri, run)
     return BundleSource(
         checkpoint=checkpoint, settings=settings, run_id=run_id, tracking_uri=uri,
-        eval_metrics=_finite(evaluation.data.metrics) if evaluation else {},
+        eval_metrics=finite_metrics(evaluation.data.metrics) if evaluation else {},
         evaluate_run_id=evaluation.info.run_id if evaluation else None, logged=True,
     )  # fmt: skip
 
@@ -186,7 +172,7 @@ def source_from_checkpoint(
     metrics: dict[str, float] = {}
     summary = ckpt.parent / "evaluation" / "summary.json"
     if summary.is_file():
-        metrics = _finite(flatten_summary(json.loads(summary.read_text()), prefix="test"))
+        metrics = finite_metrics(flatten_summary(json.loads(summary.read_text()), prefix="test"))
     return BundleSource(checkpoint=ckpt, settings=values, eval_metrics=metrics)
 
 

@@ -26,9 +26,9 @@ from torch import nn
 from ..engines.prepare_batch import AugmentedPrepareBatch
 from ..nets.dual_decoder import DualDecoderUNet
 from ..nets.unet import SegmentationUNet
-from ..workflows.data import ConfigError
+from ..errors import ConfigError
+from ..reporting.method_name import split_method_name
 from ..workflows.handlers import LossTermLogger
-from ..workflows.method_name import split_method_name
 from .batches import SemiSupervisedPrepareBatch
 from .cross_pseudo import CrossPseudoSupervisionLoss, DualDecoderInferer
 from .mean_teacher import MeanTeacher, MeanTeacherLoss

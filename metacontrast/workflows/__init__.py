@@ -1,6 +1,8 @@
-"""Workflow building blocks the bundle configs instantiate (data, handlers, tracking, metrics)."""
+"""What the bundle configs instantiate during training and evaluation: data, handlers, checkpoints and the
+output folder's run, metrics, evaluate, fine-tune helpers and the representation probes.  What runs after
+training to report on it is in :mod:`metacontrast.reporting`; the MLflow layer in :mod:`metacontrast.tracking`."""
 
-from .data import ConfigError, FinetuneData, PretrainData, epochs_for, read_manifest, select_labeled
-from .checkpoints import UnsafeCheckpointError, checkpoint_norm, initialise_encoder, load_checkpoint, state_dict_of
+from .data import FinetuneData, PretrainData, epochs_for, read_manifest, select_labeled
+from .checkpoints import UnsafeCheckpointError, checkpoint_norm, initialise_encoder, load_checkpoint, start_workflow_run, state_dict_of
 from .finetune import finalise_finetune, parameter_groups
 from .handlers import EncoderSaver, LossTermLogger, atomic_torch_save

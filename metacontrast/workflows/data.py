@@ -20,13 +20,11 @@ import numpy as np
 import torch
 
 from ..data.samplers import MetaLabelBatchSampler, RandomBatchSampler
-from ..data.slices import SliceCache, build_slice_cache, make_slice_loader
+from ..data.slice_loader import make_slice_loader
+from ..data.slices import SliceCache, build_slice_cache
+from ..errors import ConfigError
 
 SPLITS = ("pretrain", "train", "val", "test")
-
-
-class ConfigError(ValueError):
-    """A workflow setting that cannot work, reported before any training starts."""
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ only its geometry, no DICOM attribute.
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ from tqdm import tqdm
 
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
-from .checkpoints import ModelSettingsConflict, load_checkpoint, read_model_settings, resolve_model_settings, settings_equal, state_dict_of
+from ..io import atomic_write
+from .checkpoints import load_checkpoint, state_dict_of
 from .data import cap, preprocessing_settings, read_manifest
 from .metrics import flatten_summary, summarise, volume_metrics, write_metrics_csv, write_summary
-from ..io import atomic_write
+from .model_settings import ModelSettingsConflict, read_model_settings, resolve_model_settings, settings_equal
 
 
 def _absolute(entry: Mapping[str, Any], dataset_dir: str | Path) -> dict[str, Any]:
@@ -80,8 +82,6 @@ def save_prediction(pred: torch.Tensor, source: Path, source_volume: MetaTensor,
 
 
 def _gzip(image: nib.Nifti1Image) -> bytes:
-    import gzip
-
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
@@ -143,15 +143,15 @@ def settings_for_evaluation(
     """What the evaluate workflow runs ``ckpt`` with: its own preprocessing and network, as fine-tuning recorded them.
 
     A fine-tuned ``model.pt`` records its preprocessing (pixel size, crop, intensity normalisation), network and
-    classes (:func:`~metacontrast.workflows.checkpoints.record_model_settings`); those are used whatever the
+    classes (:func:`~metacontrast.workflows.model_settings.record_model_settings`); those are used whatever the
     manifest's name or its ``preprocessing`` block say.  What the config asks for explicitly -- the entries of
     ``preprocessing_overrides[dataset]``, ``features`` (``None`` = the model's) and ``norm`` -- must agree, else
-    :class:`~metacontrast.workflows.checkpoints.ModelSettingsConflict` names the file, the key and both values
+    :class:`~metacontrast.workflows.model_settings.ModelSettingsConflict` names the file, the key and both values
     (``allow_preprocessing_override``: the requested preprocessing is used, with a warning).  A checkpoint that
     records nothing is evaluated as before: the manifest's preprocessing updated by ``preprocessing_overrides``,
     ``features`` (else ``fallback_features``, the fine-tune config's), ``norm``.  ``last_ckpt`` (model_final.pt),
     when it exists and records settings, must record the same ones.  Returns
-    :func:`~metacontrast.workflows.checkpoints.resolve_model_settings`'s dict, ``network`` complete.
+    :func:`~metacontrast.workflows.model_settings.resolve_model_settings`'s dict, ``network`` complete.
     """
     manifest = read_manifest(datalist)
     resolved = resolve_model_settings(

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..nets.unet import SegmentationUNet
-from .tracking import TrackingRun
+from ..tracking import TrackingRun
 
 
 def parameter_groups(network: SegmentationUNet, learning_rate: float, encoder_lr_scale: float = 1.0) -> list[Any]:

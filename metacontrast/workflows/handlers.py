@@ -32,6 +32,7 @@ from torch import nn
 
 from ..io import atomic_torch_save
 from ..nets.unet import encoder_state_dict
+from .checkpoints import load_checkpoint
 
 
 class EncoderSaver:
@@ -44,6 +45,8 @@ class EncoderSaver:
         network_kwargs: the U-Net arguments (``features`` ...) so fine-tuning can check compatibility.
         num_decoder_blocks: how many up blocks (deepest first) were pre-trained too (GLCL, MACL).
     """
+
+    leader_only = True  # it only writes: ranks other than 0 drop it (metacontrast.ranks)
 
     def __init__(self, network: nn.Module, output_dir: str, method: str, network_kwargs: dict | None = None,
                  num_decoder_blocks: int = 0, interval: int = 1, filename: str = "encoder.pt") -> None:
@@ -68,6 +71,8 @@ class EncoderSaver:
 
 class LossTermLogger:
     """Epoch means of ``loss_function.last_terms`` and ``engine.state.mitigator_summary`` into ``engine.state.metrics``."""
+
+    leader_only = True  # it only logs: ranks other than 0 drop it (metacontrast.ranks)
 
     def __init__(self, loss_function: Any) -> None:
         self.loss_function = loss_function
@@ -199,6 +204,8 @@ class TrainingCheckpointer:
     has no fallback when that file is damaged, and neither handles RNG states.
     """
 
+    resumes_on_every_rank = True  # resumes on every rank, saves on rank 0 (metacontrast.ranks)
+
     def __init__(self, output_dir: str, save_dict: Mapping[str, Any], interval: int = 1, n_saved: int = 2,
                  generators: Sequence[torch.Generator | None] = (), resume: bool = True, prefix: str = "training_checkpoint",
                  run: Any = None) -> None:
@@ -262,8 +269,6 @@ class TrainingCheckpointer:
     # -- resuming ------------------------------------------------------------------------------------
 
     def _usable(self, path: Path, names: Sequence[str]) -> dict[str, Any]:
-        from .checkpoints import load_checkpoint
-
         checkpoint = load_checkpoint(path)  # weights only; UnsafeCheckpointError when truncated, corrupt or crafted
         if not isinstance(checkpoint, dict):
             raise ValueError("not a training checkpoint")

@@ -17,7 +17,7 @@ The pooled encoder output of a slice is ``z = GAP(f) / ||GAP(f)||`` with ``f`` t
 encoder (method ``random``) is initialised under the seed and saved as ``encoder.pt`` in the probe's
 output folder, so its frozen fine-tunes start from exactly the weights its k-NN probes measured.
 :func:`run_probe` runs them all for one encoder and logs the metrics to the probe's MLflow run
-(``bundles/common/configs/probe.json``); :mod:`metacontrast.workflows.probe_grid` runs many encoders.
+(``bundles/common/configs/probe.json``); :mod:`metacontrast.reporting.probe_grid` runs many encoders.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from .. import REPO_ROOT
 from ..data.slices import SliceCache, build_slice_cache
 from ..io import atomic_torch_save, atomic_write
 from ..nets import SegmentationUNet, encoder_state_dict, pooled_embedding
+from ..errors import ConfigError
+from ..tracking import TrackingRun
 from .checkpoints import initialise_encoder, load_checkpoint
-from .data import ConfigError, VolumeDataset, cap, preprocessing_settings, read_manifest
-from .tracking import TrackingRun
+from .data import VolumeDataset, cap, preprocessing_settings, read_manifest
 
 FINETUNE_CONFIG = REPO_ROOT / "bundles" / "common" / "configs" / "finetune.json"
 

@@ -3,7 +3,7 @@
 ``gcl/naive_sum+mean_teacher@improved`` is bundle ``gcl``, its ablation ``naive_sum``, fine-tuned with the
 semi-supervised add-on ``mean_teacher`` under the fine-tune recipe ``improved``.  Every module that reads
 a row name (the grid, the results tables, the pictures, the semi-supervised mode check) splits it here;
-what the parts mean (config files, recipes) is :func:`metacontrast.workflows.grid.parse_method`'s job.
+what the parts mean (config files, recipes) is :func:`metacontrast.reporting.grid.parse_method`'s job.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
 Every workflow runs in this process through ``monai.bundle.run`` with the same MLflow store, and a
 combination is skipped when the store already holds its FINISHED run (pre-training: the encoder file
 exists too), so an interrupted grid resumes where it stopped.  The table and plot are then made from
-the store alone by :func:`metacontrast.workflows.results.write_results`.
+the store alone by :func:`metacontrast.reporting.results.write_results`.
 
 A bundle may set its own fine-tune defaults in ``bundles/<bundle>/configs/finetune.json`` (IDEAL: cross
 pseudo supervision); that file is merged over the common fine-tune and evaluate configs of its rows.
@@ -38,7 +38,7 @@ from .. import REPO_ROOT
 from ..semi import ADD_ONS
 from .method_name import split_method_name
 from .results import write_results
-from .tracking import completed_runs
+from ..tracking import completed_runs
 
 COMMON = REPO_ROOT / "bundles" / "common" / "configs"
 

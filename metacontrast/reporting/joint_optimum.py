@@ -11,7 +11,7 @@ measures it without any network: **free embeddings**, one learnable vector per s
 
 and, for comparison, each ``L^m`` alone.  The embedding of a network can do no better than these on the
 same batches (it is a constrained choice of ``E``), so they are the yardsticks the pre-training curves
-are read against (:func:`~metacontrast.workflows.pictures.plot_pretrain_curves` draws them).
+are read against (:func:`~metacontrast.reporting.curves.plot_pretrain_curves` draws them).
 
 :func:`joint_optimum` takes the pre-training bundle's own settings (manifest split, preprocessing,
 sampler, batch size, S, temperature, meta labels, head width) from its config, so the batches are the
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.bundle import ConfigParser
 
 from ..io import atomic_write_text
 from ..losses.contrastive import meta_label_positive_mask, multi_positive_info_nce
@@ -106,8 +107,6 @@ def joint_optimum(config_file: str | Sequence[str], steps: int = 3000, lr: float
     Returns:
         a JSON-ready dict: the settings, and ``terms[f"img/{m}"] = {chance, min, alone, joint}``.
     """
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config(list(config_file) if not isinstance(config_file, str) else config_file)
     parser.update({"device": "cpu", **overrides})

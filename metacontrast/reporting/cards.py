@@ -9,9 +9,9 @@ A card (``bundles/<bundle>/docs/README.md``) marks its results block::
 :func:`write_card_results` replaces the block with one table per dataset that has runs of the bundle:
 its rows (``gcl``, ``gcl/naive_sum``, ``gcl+mean_teacher``, and each of them under a fine-tune recipe,
 ``gcl@improved``) beside random init under the same recipes, mean ± std over seeds, made by
-:func:`metacontrast.workflows.results.format_table` from ``results/<dataset>/evaluate_runs.csv`` (which
+:func:`metacontrast.reporting.results.format_table` from ``results/<dataset>/evaluate_runs.csv`` (which
 holds each run's MLflow id and config hash).  :func:`write_summary` fills the same block in
-``results/README.md`` with every dataset's gains (:func:`metacontrast.workflows.results.format_gains`), so its
+``results/README.md`` with every dataset's gains (:func:`metacontrast.reporting.papers.format_gains`), so its
 reading can quote numbers none of which is typed by hand.  Text outside the markers is left as it is, and the
 same results give the same bytes.
 """
@@ -21,9 +21,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from metacontrast.io import atomic_write
-from metacontrast.workflows.method_name import split_method_name
-from metacontrast.workflows.results import aggregate, format_gains, format_table, read_evaluate_csv, same_recipe_random
+from ..io import atomic_write
+from .method_name import split_method_name
+from .papers import format_gains
+from .results import format_table, read_evaluate_csv
+from .tables import aggregate, same_recipe_random
 
 __all__ = ["BEGIN", "END", "card_rows", "replace_block", "write_card_results", "write_summary"]
 

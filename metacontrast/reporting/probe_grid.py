@@ -19,8 +19,8 @@ from monai.bundle import run as run_bundle
 
 from .grid import COMMON, method_names, random_init_overrides
 from .method_name import split_method_name
+from ..tracking import completed_runs
 from .probe_results import write_probe_table
-from .tracking import completed_runs
 
 __all__ = ["encoder_entry", "run_probes"]
 

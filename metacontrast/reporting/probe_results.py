@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write
-from .results import MISSING, markdown_head
-from .tracking import runs_as_records, search_runs
+from ..tracking import runs_as_records, search_runs
+from .tables import MISSING, markdown_head
 
 __all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "reference_of", "write_probe_table"]
 
@@ -103,7 +103,7 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
               "Dice: 3D Dice of a decoder-only fine-tune with L labelled volumes (encoder frozen). Chance: the "
               "majority class, the share of same-patient candidates. `random` is the seeded random encoder, the "
               "reference row. Std is the population std over seeds. Made by "
-              "`metacontrast.workflows.probe_results.write_probe_table` from MLflow probe runs only.", ""]
+              "`metacontrast.reporting.probe_results.write_probe_table` from MLflow probe runs only.", ""]
     gains = format_gain_table(runs, dataset, order, columns, norms or {})
     return "\n".join(lines + ([gains] if gains else []))
 

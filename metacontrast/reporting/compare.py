@@ -3,7 +3,7 @@
 For every ``(method, L, seed)`` both stores finished, :func:`compare_stores` takes the best validation Dice of
 the fine-tune (the value its best checkpoint was chosen by, the basis for a decision) and the test Dice of the
 evaluate run, and reports each store's mean ± std over seeds and the per-seed difference B - A
-(:func:`metacontrast.workflows.results.paired_gain`).
+(:func:`metacontrast.reporting.tables.paired_gain`).
 
 :func:`compare_pretraining` looks one step earlier, at the pre-training itself: whether an image-wise
 contrastive loss leaves its chance level ``log(2N - 1)`` (every similarity equal; N slices per batch, two
@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .pictures import RunStore
-from .results import MISSING, collect_evaluate_runs, format_gain, markdown_head, paired_gain
+from ..tracking import RunStore
+from .results import collect_evaluate_runs
+from .tables import MISSING, format_gain, markdown_head, paired_gain
 
 __all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_stores", "validation_rows"]
 
@@ -79,7 +80,7 @@ def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[s
         lines.append(f"| {method} | {num_labeled} | " + " | ".join(cells) + " |")
     lines += ["", "Validation Dice: the best `val_mean_dice` of each fine-tune (the value its checkpoint was chosen by); "
               "test Dice: its evaluate run. Mean ± std over seeds (n); differences per seed, as in `paper_comparison.md`. "
-              "Made by `scripts/compare_stores.py` (`metacontrast.workflows.compare`).", ""]
+              "Made by `scripts/compare_stores.py` (`metacontrast.reporting.compare`).", ""]
     return "\n".join(lines)
 
 
@@ -120,5 +121,5 @@ def compare_pretraining(dataset: str, stores: Sequence[tuple[str, str]], methods
                              f"{chance:.3f} | {values[-1] - chance:+.3f} |")
     lines += [""] + [f"No FINISHED {method} pre-training under: {', '.join(labels)}." for method, labels in absent.items()]
     lines += ["", "Values are the logged epoch means of each term (MLflow run of the setting's store, newest FINISHED "
-              "pre-training of the method). Made by `scripts/compare_pretraining.py` (`metacontrast.workflows.compare`).", ""]
+              "pre-training of the method). Made by `scripts/compare_pretraining.py` (`metacontrast.reporting.compare`).", ""]
     return "\n".join(lines)
