@@ -64,6 +64,9 @@ def test_method_without_runs_says_so(tmp_path: Path) -> None:
     write_card_results(card, "macl", tmp_path)
     assert "No finished runs of this method in the results yet." in card.read_text()
     assert card_rows({"random", "random@improved", "macl@improved"}, "macl") == ["random@improved", "macl@improved"]
+    # a batch-norm GCL is shown beside random init of both networks
+    assert card_rows({"random@improved", "random/batch_norm@improved", "random/batch_norm", "gcl@improved"}, "gcl") == [
+        "random@improved", "random/batch_norm@improved", "gcl@improved"]
 
 
 def test_committed_cards_match_the_committed_results(repo_root: Path, tmp_path: Path) -> None:

@@ -145,6 +145,25 @@ def test_paper_comparison_takes_gains_within_each_recipe():
     assert got["random@improved"] == ["0.300 ± 0.000", "–", "0.598", "–"]
 
 
+def test_a_row_is_compared_with_random_init_of_its_own_network():
+    """A batch-norm GCL fine-tune is compared with 'random/batch_norm' of its recipe where the grid has it (the
+    evaluate runs' logged norm), an instance-norm row with plain 'random'; the random rows are references."""
+    from metacontrast.reporting.papers import format_gains
+    from metacontrast.reporting.tables import random_reference
+
+    rows = _rows({("random@improved", 1, 0): 0.30, ("random/batch_norm@improved", 1, 0): 0.20,
+                  ("gcl@improved", 1, 0): 0.25, ("simclr@improved", 1, 0): 0.31})
+    norms = {"random@improved": "instance", "random/batch_norm@improved": "batch", "gcl@improved": "batch", "simclr@improved": "instance"}
+    for row in rows:
+        row["norm"] = norms[row["method"]]
+    assert random_reference(rows, "gcl@improved") == "random/batch_norm@improved"
+    assert random_reference(rows, "simclr@improved") == "random@improved"
+    assert random_reference([{**r, "norm": ""} for r in rows], "gcl@improved") == "random@improved"  # norm not logged
+    lines = format_gains(rows, "acdc").splitlines()
+    assert "| gcl@improved | random/batch_norm@improved | +0.050 ± 0.000 (1) |" in lines
+    assert "| random/batch_norm@improved | (test Dice) | 0.200 ± 0.000 |" in lines
+
+
 def test_gains_are_paired_by_seed():
     """The per-seed difference removes the labelled-volume draw: a method 0.02 above random at every seed has
     gain +0.020 ± 0.000 however far apart the seeds are; a seed only one row has is left out."""

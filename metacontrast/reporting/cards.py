@@ -25,7 +25,7 @@ from ..io import atomic_write
 from .method_name import split_method_name
 from .papers import format_gains
 from .results import format_table, read_evaluate_csv
-from .tables import aggregate, same_recipe_random
+from .tables import aggregate, is_random_row, same_recipe_random
 
 __all__ = ["BEGIN", "END", "card_rows", "replace_block", "write_card_results", "write_summary"]
 
@@ -33,13 +33,16 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
 def card_rows(methods: set[str], bundle: str) -> list[str]:
-    """The bundle's rows and, for every recipe they use, the random-init row of that recipe; paper recipe first."""
+    """The bundle's rows and, for every recipe they use, the random-init rows of that recipe (``random``, then
+    ``random/<variant>``: random init of another network); paper recipe first."""
     own = sorted(m for m in methods if split_method_name(m).bundle == bundle)
     rows: list[str] = []
     for recipe in sorted({split_method_name(m).recipe for m in own}):
         mine = [m for m in own if split_method_name(m).recipe == recipe]
-        baseline = same_recipe_random(mine[0])
-        rows += ([baseline] if baseline in methods and baseline not in own else []) + mine
+        plain = same_recipe_random(mine[0])
+        baselines = sorted((m for m in methods if is_random_row(m) and split_method_name(m).recipe == recipe and m not in own),
+                           key=lambda m: (m != plain, m))
+        rows += baselines + mine
     return rows
 
 

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .method_name import split_method_name
-from .tables import MISSING, aggregate, cell, format_gain, full_method, labeled_order, markdown_head, paired_gain, same_recipe_random, signed
+from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head, paired_gain,
+                     random_reference, signed)
 
 __all__ = ["PAPER_ABLATIONS", "PAPER_DICE", "format_ablations", "format_gains", "format_paper_comparison"]
 
@@ -49,17 +50,17 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
     """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L.
 
     A row fine-tuned with a named recipe (``gcl@improved``) is compared with random init under the same
-    recipe (``random@improved``), paired by seed (:func:`paired_gain`), and with the paper's row of its
-    method (``gcl``), whose gain is taken over the random-init row of the same paper.
+    recipe and of the same network (:func:`random_reference`), paired by seed (:func:`paired_gain`), and with
+    the paper's row of its method (``gcl``), whose gain is taken over the random-init row of the same paper.
     """
     papers = PAPER_DICE.get(dataset, {})
     agg = aggregate(rows)
     lines = markdown_head(f"{dataset}: our gains over random init beside the papers' (test Dice)",
-                          ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe): per-seed mean ± std (n)",
+                          ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe and network): per-seed mean ± std (n)",
                            "paper", "paper - its random", "source"])
-    is_baseline = lambda method: method == same_recipe_random(method, baseline)
+    is_baseline = lambda method: is_random_row(method, baseline)
     for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_baseline(k[0]), k[0], k[1])):
-        gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, same_recipe_random(method, baseline), num_labeled)
+        gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, random_reference(rows, method, baseline), num_labeled)
         source, paper_base, values = papers.get(split_method_name(method).without_recipe, ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
@@ -78,15 +79,15 @@ def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Seque
     init with the same recipe (ablations and add-ons: over their full method), one column per L."""
     agg = aggregate(rows)
     labeled = labeled_order(agg, labeled)
-    methods = sorted({m for m, _ in agg}, key=lambda m: (split_method_name(m).recipe, m != same_recipe_random(m), full_method(m) != m, m))
+    methods = sorted({m for m, _ in agg}, key=lambda m: (split_method_name(m).recipe, not is_random_row(m), full_method(m) != m, m))
     lines = markdown_head(f"{dataset}: random init's test Dice, every other row's gain (per seed, mean ± std (n))",
                           ["Row", "compared with"] + [f"L={num}" for num in labeled], left_aligned=2)
     for method in methods:
-        if method == same_recipe_random(method):
+        if is_random_row(method):
             cells = [cell(agg.get((method, num)), "test_dice_mean", 3) for num in labeled]
             lines.append(f"| {method} | (test Dice) | " + " | ".join(cells) + " |")
             continue
-        reference = full_method(method) if full_method(method) != method else same_recipe_random(method)
+        reference = full_method(method) if full_method(method) != method else random_reference(rows, method)
         cells = [format_gain(paired_gain(rows, method, reference, num)) for num in labeled]
         lines.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
     lines += ["", f"From `{dataset}/evaluate_runs.csv`; details in `{dataset}/paper_comparison.md` and `{dataset}/ablations.md`.", ""]

@@ -43,7 +43,7 @@ from .tables import MISSING, PARTIAL, TABLE_METRICS, aggregate, cell, labeled_or
 __all__ = ["CSV_COLUMNS", "collect_evaluate_runs", "format_table", "plot_dice", "read_evaluate_csv", "run_configs", "write_results"]
 
 CSV_COLUMNS = (
-    "run_id", "run_name", "method", "dataset", "num_labeled", "seed", "config_hash", "used",
+    "run_id", "run_name", "method", "dataset", "num_labeled", "seed", "config_hash", "norm", "used",
     "test_dice_mean", "test_hd95_mean", "test_asd_mean",
 )  # fmt: skip
 
@@ -81,6 +81,7 @@ def collect_evaluate_runs(
                 "num_labeled": num_labeled,
                 "seed": seed,
                 "config_hash": tags.get("config_hash", ""),
+                "norm": record["params"].get("norm", ""),
                 "start_time": record["start_time"],
                 **{metric: metric_value(metrics.get(metric)) for _, metric, _ in TABLE_METRICS},
             }
@@ -173,6 +174,7 @@ def read_evaluate_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         row["num_labeled"], row["seed"], row["used"] = int(row["num_labeled"]), int(row["seed"]), row["used"] == "True"
+        row.setdefault("norm", "")
         for _, metric, _ in TABLE_METRICS:
             row[metric] = metric_value(row[metric])
     return rows

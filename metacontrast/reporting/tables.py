@@ -17,8 +17,8 @@ import numpy as np
 
 from .method_name import split_method_name, with_recipe
 
-__all__ = ["MISSING", "PARTIAL", "TABLE_METRICS", "aggregate", "format_gain", "full_method", "markdown_head", "paired_gain",
-           "same_recipe_random"]
+__all__ = ["MISSING", "PARTIAL", "TABLE_METRICS", "aggregate", "format_gain", "full_method", "is_random_row", "markdown_head",
+           "paired_gain", "random_reference", "same_recipe_random"]
 
 #: (column label, MLflow metric, decimals) of the table's column groups, in order.
 TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
@@ -68,6 +68,24 @@ def labeled_order(agg: Mapping[tuple[str, int], Any], labeled: Sequence[int] | N
 def same_recipe_random(method: str, baseline: str = "random") -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
     return with_recipe(baseline, split_method_name(method).recipe)
+
+
+def is_random_row(method: str, baseline: str = "random") -> bool:
+    """``random``, ``random/batch_norm@improved``: a random-init reference row (no add-on)."""
+    parts = split_method_name(method)
+    return parts.bundle == baseline and not parts.add_on
+
+
+def random_reference(rows: Sequence[Mapping[str, Any]], method: str, baseline: str = "random") -> str:
+    """The random-init row ``method`` is compared with: random init under the same recipe and of the same
+    network (its ``norm``), ``gcl@improved`` fine-tuned as a batch-norm U-Net -> ``random/batch_norm@improved``
+    where ``rows`` have it; otherwise :func:`same_recipe_random`."""
+    norms = {row["method"]: row.get("norm", "") for row in rows}
+    recipe = split_method_name(method).recipe
+    same = sorted(m for m in norms if is_random_row(m, baseline) and split_method_name(m).recipe == recipe
+                  and norms[m] and norms[m] == norms.get(method))
+    plain = same_recipe_random(method, baseline)
+    return plain if plain in same or not same else same[0]
 
 
 def full_method(method: str) -> str:
