@@ -193,10 +193,10 @@ def test_per_label_image_heads_keep_each_labels_term_on_its_own_head():
         GCLLoss([], image_heads="per_label")
 
 
-def test_gcl_bundle_builds_one_image_head_per_meta_label_on_request(repo_root: Path):
+def test_gcl_bundle_builds_one_image_head_per_meta_label_unless_shared(repo_root: Path):
     with in_repo(repo_root):
-        paper = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"])
-        per_label = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"], image_heads="per_label")
+        paper = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"], image_heads="shared")
+        per_label = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"])
         assert sorted(paper.get_parsed_content("network").heads) == ["img", "pix"]
         assert sorted(per_label.get_parsed_content("network").heads) == ["img_patient_id", "img_slice_quantile", "pix"]
         assert per_label.get_parsed_content("loss").image_heads == "per_label"
