@@ -11,6 +11,11 @@ From a checkpoint and the settings it was fine-tuned with::
         --num_labeled 1 --seed 0 --features '[16,32,64,128,256]' \\
         --preprocessing_overrides '{acdc: {pixel_size: [2.734, 2.734], spatial_size: [96, 96]}}'
 
+A fine-tuned ``model.pt`` records its preprocessing and network: the bundle gets those (and its ``models/model.pt``
+keeps the record), whatever the manifest is named; ``--pixel_size``, ``--spatial_size``, ``--features`` or
+``--preprocessing_overrides`` that differ are refused (``ModelSettingsConflict``) unless
+``--allow_preprocessing_override True`` (a warning names both values).
+
 Other options: ``--dest DIR``, ``--name NAME``, ``--version 0.2.0 --changelog "..."``, ``--dataset_dir``
 (the data folder the exported configs default to), ``--results_dir`` (``None``: no results rows in the
 model card), ``--include_encoder False``, ``--overwrite True``.  The logic is

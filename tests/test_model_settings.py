@@ -5,11 +5,14 @@ ACDC's full scale, 1.367 mm and 192x192, and which ``preprocessing_overrides`` (
 not reach -- is run at its own preprocessing; a config that asks for something else is refused with
 :class:`ModelSettingsConflict` naming the file, the key and both values; ``allow_preprocessing_override``
 runs it anyway and warns; a checkpoint written before models recorded their settings is evaluated as before.
+The exporter does the same: the bundle of that model, exported through the other manifest, states the model's
+preprocessing and network, and its ``models/model.pt`` still records them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from mlflow import MlflowClient
 from monai.bundle import run as run_bundle
 
+from metacontrast.export.bundle import export_bundle
 from metacontrast.nets import SegmentationUNet
 from metacontrast.workflows.model_settings import MODEL_SETTINGS_KEY, ModelSettingsConflict, read_model_settings, settings_equal
 from metacontrast.workflows.data import read_manifest
@@ -159,3 +163,58 @@ def test_settings_equal_and_metadata_key() -> None:
     assert settings_equal([2.734, 2.734], (2.7340000001, 2.734)) and not settings_equal([96, 96], [192, 192])
     assert settings_equal({"0": "a"}, {0: "a"}) and not settings_equal(True, 1)
     assert MODEL_SETTINGS_KEY.startswith(".")  # never a module prefix
+
+
+# ------------------------------------------------------------------------------------------------
+# the exporter takes the model's settings too
+# ------------------------------------------------------------------------------------------------
+
+
+def _export(cpu_model: dict[str, Any], name: str, **options: Any) -> Path:
+    """Export the CPU-preset model from its checkpoint through the manifest named ``acdc_other``."""
+    return Path(export_bundle(dest=str(cpu_model["root"] / "dist" / name), ckpt=str(cpu_model["ckpt"]), dataset="acdc_other",
+                              datalist=cpu_model["evaluate"]["datalist"], results_dir=None, **options))  # fmt: skip
+
+
+def _bundle_config(dest: Path, name: str) -> dict[str, Any]:
+    return json.loads((dest / "configs" / name).read_text())
+
+
+def test_export_through_another_manifest_states_the_models_settings(cpu_model: dict[str, Any]) -> None:
+    dest = _export(cpu_model, "other")
+    inference, train = _bundle_config(dest, "inference.json"), _bundle_config(dest, "train.json")
+    assert (inference["pixel_size"], inference["spatial_size"], inference["features"]) == ([2.734, 2.734], [96, 96], CPU_FEATURES)
+    assert train["preprocessing_overrides"]["acdc_other"] == {"pixel_size": [2.734, 2.734], "spatial_size": [96, 96]}
+    assert train["features"] == CPU_FEATURES  # the model's, not finetune.json's default
+    image = _bundle_config(dest, "metadata.json")["network_data_format"]["inputs"]["image"]
+    assert (image["pixdim"], image["spatial_shape"]) == ([2.734, 2.734], [96, 96])
+    # the shipped weights keep their record, so the bundle's evaluate runs them at their own preprocessing
+    shipped = dest / "models" / "model.pt"
+    assert settings_equal(read_model_settings(shipped), read_model_settings(cpu_model["ckpt"]))
+    evaluate = _bundle_config(dest, "evaluate.json")
+    assert evaluate["allow_preprocessing_override"] is False
+    resolved = settings_for_evaluation(str(shipped), str(dest / "configs" / "datalist.json"), evaluate["dataset"], evaluate["preprocessing_overrides"])
+    assert resolved["recorded"] and resolved["preprocessing"]["spatial_size"] == [96, 96] and resolved["network"]["features"] == CPU_FEATURES
+
+
+def test_conflicting_export_option_is_refused_by_name(cpu_model: dict[str, Any]) -> None:
+    with pytest.raises(ModelSettingsConflict) as info:
+        _export(cpu_model, "refused", pixel_size=[1.367, 1.367])
+    assert (info.value.key, info.value.model_value, info.value.requested_value) == ("pixel_size", [2.734, 2.734], [1.367, 1.367])
+    assert "allow_preprocessing_override" in str(info.value) and str(cpu_model["ckpt"]) in str(info.value)
+    with pytest.raises(ModelSettingsConflict, match=r"network\.features.*\[8, 16, 32, 64, 128\]"):
+        _export(cpu_model, "refused", features=[8, 16, 32, 64, 128], allow_preprocessing_override=True)  # never for the network
+    assert not (cpu_model["root"] / "dist" / "refused").exists()
+
+
+def test_export_override_flag_exports_the_requested_preprocessing_and_warns(cpu_model: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        dest = _export(cpu_model, "override", spatial_size=[128, 128], allow_preprocessing_override=True)
+    inference = _bundle_config(dest, "inference.json")
+    assert (inference["pixel_size"], inference["spatial_size"]) == ([2.734, 2.734], [128, 128])
+    warned = [r.getMessage() for r in caplog.records if "allow_preprocessing_override" in r.getMessage()]
+    assert warned and "spatial_size [128, 128]" in warned[0] and "[96, 96]" in warned[0]
+    # the weights still say what they were fine-tuned with; the bundle's evaluate states the override
+    assert read_model_settings(dest / "models" / "model.pt")["preprocessing"]["spatial_size"] == [96, 96]
+    evaluate = _bundle_config(dest, "evaluate.json")
+    assert evaluate["allow_preprocessing_override"] is True and evaluate["preprocessing_overrides"]["acdc_other"]["spatial_size"] == [128, 128]

@@ -9,7 +9,7 @@ and the settings it was trained with (:mod:`.source`) -- and writes, e.g., ``dis
     configs/evaluate.json    bundles/common/configs/evaluate.json, standalone
     configs/datalist.json    the dataset manifest (paths relative to dataset_dir)
     configs/logging.conf
-    models/model.pt          plain state dict; models/model.ts: TorchScript by monai.bundle.ckpt_export
+    models/model.pt          plain state dict, keeping the settings the model records; models/model.ts: TorchScript
     models/pretrained_encoder.pt   the encoder the fine-tune started from, when there was one
     scripts/                 the modules of this package the configs use (:mod:`.vendor`), as ``scripts.*``
     docs/README.md           model card (results rows copied from results/<dataset>/table.md; :mod:`.card`)
@@ -34,10 +34,11 @@ import torch
 
 from .. import REPO_ROOT
 from ..workflows.checkpoints import norm_of
+from ..workflows.model_settings import resolve_model_settings
 from ..workflows.data import preprocessing_settings, read_manifest
 from . import ExportError, vendor
 from .card import bundle_name, changelog, dataset_info, git_origin, make_metadata, make_model_card, versions
-from .configs import TEMPLATES, exportable_manifest, make_evaluate_config, make_inference_config, make_train_config, vendored_modules
+from .configs import FINETUNE_CONFIG, TEMPLATES, exportable_manifest, make_evaluate_config, make_inference_config, make_train_config, vendored_modules
 from .source import BundleSource, find_source, load_weights, repo_path
 from .verify import METADATA_SCHEMA, check_bundle, check_metadata, check_portable
 
@@ -63,7 +64,9 @@ class ExportOptions:
         include_encoder: ship the pre-trained encoder as ``models/pretrained_encoder.pt`` (train.json's start).
         schema: JSON schema to validate metadata.json with (``None``: skip).
         overwrite: replace an existing bundle at ``dest`` (otherwise that is an error).
-        pixel_size, spatial_size: override the run's preprocessing (in-plane mm, crop ``(H, W)``).
+        pixel_size, spatial_size: the preprocessing to export (in-plane mm, crop ``(H, W)``; default the model's).
+        allow_preprocessing_override: export a preprocessing that differs from the one the model records
+            (a warning names both values) instead of refusing with ``ModelSettingsConflict``.
     """
 
     dest: str | None = None
@@ -77,6 +80,7 @@ class ExportOptions:
     overwrite: bool = False
     pixel_size: Sequence[float] | None = None
     spatial_size: Sequence[int] | None = None
+    allow_preprocessing_override: bool = False
 
 
 def export_bundle(
@@ -102,6 +106,7 @@ def export_bundle(
     include_encoder: bool = True,
     schema: str | None = str(METADATA_SCHEMA),
     overwrite: bool = False,
+    allow_preprocessing_override: bool = False,
     **recipe: Any,
 ) -> str:
     """Write a Model Zoo bundle of a fine-tuned run and check it; returns the bundle folder.
@@ -113,10 +118,15 @@ def export_bundle(
     ``finetune.json`` the weights were trained with (``--batch_size 8 --max_iterations 600`` ...): with
     ``ckpt`` they are the recipe train.json and the model card state; with ``run_id`` they override the
     logged values.  The other arguments are the fields of :class:`ExportOptions`.
+
+    A model that records its preprocessing and network (every fine-tune does) is exported with them, whatever the
+    manifest is named; ``pixel_size``, ``spatial_size``, ``preprocessing_overrides[dataset]`` or ``features`` that
+    differ raise ``ModelSettingsConflict`` (preprocessing: unless ``allow_preprocessing_override``).
     """
     options = ExportOptions(
         dest=dest, name=name, version=version, changelog=changelog, dataset_dir=dataset_dir, results_dir=results_dir,
         include_encoder=include_encoder, schema=schema, overwrite=overwrite, pixel_size=pixel_size, spatial_size=spatial_size,
+        allow_preprocessing_override=allow_preprocessing_override,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="export_") as work:
         source = find_source(
@@ -130,22 +140,27 @@ def export_bundle(
 def write_bundle(source: BundleSource, options: ExportOptions) -> Path:
     """Write, check and move into place the bundle of ``source``; returns its folder.
 
-    Completes ``source.settings`` as the bundle states them: ``preprocessing_overrides[dataset]`` is the
-    preprocessing resolved from the manifest and ``options``, ``norm`` is the weights' own.
+    Completes ``source.settings`` as the bundle states them: ``preprocessing_overrides[dataset]`` and ``features``
+    are the ones the model records (:func:`~metacontrast.workflows.model_settings.resolve_model_settings`; a model that
+    records none: the manifest's preprocessing, ``preprocessing_overrides`` and ``options``, the run's ``features``
+    else finetune.json's), ``norm`` is the weights' own.
     """
     settings = source.settings
-    for key in ("dataset", "features"):
-        if key not in settings:
-            raise ExportError(f"the run's settings lack {key!r}")
+    if "dataset" not in settings:
+        raise ExportError("the run's settings lack 'dataset'")
     dataset = str(settings["dataset"])
     settings.setdefault("datalist", f"data_manifests/{dataset}.json")
     settings.setdefault("method", "random")
     manifest = read_manifest(repo_path(settings["datalist"]))
-    preprocessing = preprocessing_settings(manifest, settings.get("preprocessing_overrides") or {}, dataset)
-    for key in ("pixel_size", "spatial_size"):
-        if getattr(options, key) is not None:
-            preprocessing[key] = list(getattr(options, key))
-    settings["preprocessing_overrides"] = {**(settings.get("preprocessing_overrides") or {}), dataset: dict(preprocessing)}
+    overrides = dict(settings.get("preprocessing_overrides") or {})
+    default = preprocessing_settings(manifest, overrides, dataset)
+    asked = {**overrides.get(dataset, {}), **{k: getattr(options, k) for k in ("pixel_size", "spatial_size")}}
+    resolved = resolve_model_settings(
+        source.checkpoint, default, asked, {"features": settings.get("features")}, manifest["labels"],
+        options.allow_preprocessing_override, f"the export options (pixel_size, spatial_size, features, preprocessing_overrides[{dataset!r}])",
+    )  # fmt: skip
+    settings["preprocessing_overrides"] = {**overrides, dataset: {k: resolved["preprocessing"][k] for k in default}}
+    settings["features"] = resolved["network"].get("features") or json.loads(FINETUNE_CONFIG.read_text())["features"]
     info = dataset_info(manifest)
     data_dir = options.dataset_dir or info["dataset_dir"]
     dest = Path(options.dest) if options.dest else REPO_ROOT / "dist" / (options.name or bundle_name(settings, info))
@@ -162,6 +177,8 @@ def write_bundle(source: BundleSource, options: ExportOptions) -> Path:
     train = make_train_config(settings, data_dir, encoder is not None, origin)
     configs = {"inference.json": make_inference_config(settings, manifest["labels"], info, data_dir), "train.json": train,
                "evaluate.json": make_evaluate_config(train, origin)}  # fmt: skip
+    if resolved["overridden"]:  # the bundle's evaluate runs the model at the exported preprocessing, as its inference does
+        configs["evaluate.json"]["allow_preprocessing_override"] = True
     for file, config in configs.items():
         check_portable(file, config)
     modules = vendored_modules()

@@ -7,12 +7,14 @@
 * :func:`source_from_checkpoint` -- the settings given (defaults from ``finetune.json``), test metrics from
   ``<checkpoint folder>/evaluation/summary.json`` when the evaluate workflow wrote one.
 
-:func:`load_weights` reads a checkpoint as the plain CPU state dict a bundle ships.
+:func:`load_weights` reads a checkpoint as the plain CPU state dict a bundle ships, with the settings it records.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +68,14 @@ def repo_path(path: str | Path) -> Path:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of the checkpoint at ``path``, detached, contiguous, on the CPU."""
-    return {k: v.detach().cpu().contiguous() for k, v in state_dict_of(load_checkpoint(path), path).items()}
+    """The state dict of the checkpoint at ``path``, detached, contiguous, on the CPU, with its ``_metadata``
+    (where a fine-tuned model records its preprocessing and network: a bundle's ``model.pt`` keeps them)."""
+    state = state_dict_of(load_checkpoint(path), path)
+    weights = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        setattr(weights, "_metadata", copy.deepcopy(metadata))
+    return weights
 
 
 def _store_uri(uri: str) -> str:
@@ -154,17 +162,16 @@ def source_from_checkpoint(
 ) -> BundleSource:
     """A checkpoint and the settings it was fine-tuned with (the keys of ``finetune.json``).
 
-    ``features`` defaults to ``finetune.json``'s; ``datalist`` to ``data_manifests/<dataset>.json``.
+    ``features`` defaults to the model's (:func:`~.bundle.write_bundle`); ``datalist`` to ``data_manifests/<dataset>.json``.
     Test metrics come from ``<checkpoint folder>/evaluation/summary.json`` when the evaluate workflow
     wrote one there.
     """
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise ExportError(f"checkpoint {ckpt} does not exist")
-    defaults = json.loads(FINETUNE_CONFIG.read_text())
     values = {
         "method": method, "dataset": dataset, "datalist": datalist or f"data_manifests/{dataset}.json",
-        "features": list(features) if features is not None else defaults["features"],
+        **({"features": list(features)} if features is not None else {}),
         "preprocessing_overrides": dict(preprocessing_overrides or {}),
         **({"num_labeled": num_labeled} if num_labeled is not None else {}), **({"seed": seed} if seed is not None else {}),
         **settings,
