@@ -188,3 +188,19 @@ def test_ablations_compare_each_variant_with_its_full_method():
     assert got["gcl/no_filter@improved"] == ["1", "0.390 ± 0.060", "gcl@improved", "-0.060 ± 0.010 (2)",
                                              "0.635 - 0.652 = -0.017"]
     assert got["gcl+mean_teacher@improved"][3:] == ["+0.050 ± 0.000 (1)", "0.762 - 0.729 = +0.033"]
+
+
+def test_validation_table_compares_each_row_with_random_init_of_its_network():
+    """The decision table: best validation Dice per row and its per-seed gain over random init of the same
+    recipe and network (the network read off the evaluate rows)."""
+    from metacontrast.reporting.papers import format_validation
+
+    rows = _rows({("random@improved", 1, 0): 0.3, ("random/batch_norm@improved", 1, 0): 0.3, ("gcl@improved", 1, 0): 0.3})
+    for row, norm in zip(rows, ("instance", "batch", "batch")):
+        row["norm"] = norm
+    val = [{"method": m, "num_labeled": 1, "seed": s, "used": True, "val_dice_best": v}
+           for m, s, v in (("random/batch_norm@improved", 0, 0.40), ("random/batch_norm@improved", 1, 0.20),
+                           ("gcl@improved", 0, 0.45), ("gcl@improved", 1, 0.25), ("random@improved", 0, 0.5))]
+    lines = format_validation(val, rows, "acdc").splitlines()
+    assert "| random/batch_norm@improved | 1 | 0.300 ± 0.100 (2) | (reference) | – |" in lines
+    assert "| gcl@improved | 1 | 0.350 ± 0.100 (2) | random/batch_norm@improved | +0.050 ± 0.000 (2) |" in lines

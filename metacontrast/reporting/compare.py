@@ -19,32 +19,15 @@ from typing import Any
 import numpy as np
 
 from ..tracking import RunStore
-from .results import collect_evaluate_runs
+from .results import collect_evaluate_runs, validation_rows
 from .tables import MISSING, format_gain, markdown_head, paired_gain
 
-__all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_stores", "validation_rows"]
+__all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_stores"]
 
-VAL_METRIC = "val_mean_dice"
 #: MLflow metrics (prefixes) of the image-wise InfoNCE terms: GCL's per meta label (Eq. 1), SimCLR's two-view loss.
 IMAGE_WISE_TERMS = ("train_img/", "train_loss/views")
 YARDSTICK_SUFFIXES = ("/chance", "/min")
 """Metrics logged beside each term (its chance level and minimum for the batch, ``losses/yardsticks.py``)."""
-
-
-def validation_rows(store: RunStore, methods: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per newest FINISHED fine-tune of each ``(method, L, seed)``: ``val_dice_best``, the highest
-    ``val_mean_dice`` of its history (NaN when it never validated)."""
-    rows, seen = [], set()
-    for method in methods:
-        for run in store.runs("finetune", method=method):  # newest first
-            key = (method, int(run.data.tags["num_labeled"]), int(run.data.tags["seed"]))
-            if key in seen:
-                continue
-            seen.add(key)
-            _, values = store.history(run.info.run_id, VAL_METRIC)
-            rows.append({"method": key[0], "num_labeled": key[1], "seed": key[2], "used": True,
-                         "val_dice_best": float(values.max()) if values.size else float("nan")})
-    return rows
 
 
 def _mean_std(rows: Sequence[dict[str, Any]], method: str, num_labeled: int, metric: str) -> str:

@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from .method_name import split_method_name
 from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head, paired_gain,
                      random_reference, signed)
@@ -71,6 +73,29 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
               "per-seed difference (a seed draws the same labelled volumes for every method), n the seeds both rows "
               "have; a gain within about one std of zero is not evidence either way. Papers: the published tables named "
               "in the source column (their own scale and splits). Made by `metacontrast.reporting.results.write_results`.", ""]
+    return "\n".join(lines)
+
+
+def format_validation(val_rows: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
+    """Markdown: each row's best validation Dice (``val_rows``, :func:`~metacontrast.reporting.results.validation_rows`)
+    and its per-seed gain over random init of the same recipe and network (:func:`random_reference`, the network
+    read off the evaluate ``rows``): the table settings are decided on; the test split is read once per final run."""
+    norms = {row["method"]: row.get("norm", "") for row in rows}
+    val = [{**row, "norm": norms.get(row["method"], "")} for row in val_rows]
+    keys = sorted({(r["method"], r["num_labeled"]) for r in val},
+                  key=lambda k: (split_method_name(k[0]).recipe, not is_random_row(k[0]), k[0], k[1]))
+    lines = markdown_head(f"{dataset}: best validation Dice, and the gain over random init of the same recipe and network",
+                          ["Row", "L", "val Dice: mean ± std (n)", "compared with", "gain (val, per seed): mean ± std (n)"])
+    for method, num_labeled in keys:
+        values = np.asarray([r["val_dice_best"] for r in val if (r["method"], r["num_labeled"]) == (method, num_labeled)
+                             and not math.isnan(r["val_dice_best"])])
+        dice = MISSING if not values.size else f"{values.mean():.3f} ± {values.std():.3f} ({values.size})"
+        reference = "" if is_random_row(method) else random_reference(val, method)
+        gain = MISSING if not reference else format_gain(paired_gain(val, method, reference, num_labeled, "val_dice_best"))
+        lines.append(f"| {method} | {num_labeled} | {dice} | {reference or '(reference)'} | {gain} |")
+    lines += ["", "Validation Dice: the best `val_mean_dice` of each fine-tune on the `val` split (the value its checkpoint "
+              "was chosen by). Gains are paired by seed as in `paper_comparison.md`. Made by "
+              "`metacontrast.reporting.results.write_results`.", ""]
     return "\n".join(lines)
 
 

@@ -34,13 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write
-from ..tracking import metric_value, runs_as_records, search_runs
-from .papers import format_ablations, format_paper_comparison
+from ..tracking import RunStore, metric_value, runs_as_records, search_runs
+from ..tracking.store import reading_uri
+from .papers import format_ablations, format_paper_comparison, format_validation
 from .probe_results import write_probe_table
 from .figures import pyplot
 from .tables import MISSING, PARTIAL, TABLE_METRICS, aggregate, cell, labeled_order, markdown_head, method_order
 
-__all__ = ["CSV_COLUMNS", "collect_evaluate_runs", "format_table", "plot_dice", "read_evaluate_csv", "run_configs", "write_results"]
+__all__ = ["CSV_COLUMNS", "VAL_METRIC", "collect_evaluate_runs", "format_table", "plot_dice", "read_evaluate_csv", "run_configs", "validation_rows",
+           "write_results"]
 
 CSV_COLUMNS = (
     "run_id", "run_name", "method", "dataset", "num_labeled", "seed", "config_hash", "norm", "used",
@@ -186,6 +188,25 @@ def _write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
+VAL_METRIC = "val_mean_dice"
+
+
+def validation_rows(store: RunStore, methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per newest FINISHED fine-tune of each ``(method, L, seed)``: ``val_dice_best``, the highest
+    ``val_mean_dice`` of its history (NaN when it never validated)."""
+    rows, seen = [], set()
+    for method in methods:
+        for run in store.runs("finetune", method=method):  # newest first
+            key = (method, int(run.data.tags["num_labeled"]), int(run.data.tags["seed"]))
+            if key in seen:
+                continue
+            seen.add(key)
+            _, values = store.history(run.info.run_id, VAL_METRIC)
+            rows.append({"method": key[0], "num_labeled": key[1], "seed": key[2], "used": True,
+                         "val_dice_best": float(values.max()) if values.size else float("nan")})
+    return rows
+
+
 def write_results(
     tracking_uri: str,
     dataset: str,
@@ -195,8 +216,9 @@ def write_results(
     experiment_name: str | None = None,
     output_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``evaluate_runs.csv``, ``table.md``, ``dice_vs_L.png``, ``paper_comparison.md``, ``ablations.md``
-    and ``runs.json`` for ``dataset`` into ``out_dir``, and ``probes.md`` when the store holds probe runs
+    """Write ``evaluate_runs.csv``, ``table.md``, ``dice_vs_L.png``, ``paper_comparison.md``, ``ablations.md``,
+    ``validation.md`` (the decision table: best validation Dice and its per-seed gain over random init) and
+    ``runs.json`` for ``dataset`` into ``out_dir``, and ``probes.md`` when the store holds probe runs
     (:func:`metacontrast.reporting.probe_results.write_probe_table`).
 
     Args:
@@ -211,7 +233,7 @@ def write_results(
         output_dir: the local store's folder, for an empty ``tracking_uri`` or a server outage.
 
     Returns:
-        ``{"csv", "table", "plot", "comparison", "ablations", "runs"}`` (and ``"probes"``): the paths written.
+        ``{"csv", "table", "plot", "comparison", "ablations", "validation", "runs"}`` (and ``"probes"``): the paths written.
 
     Raises:
         LookupError: no finished evaluate run of ``dataset`` (and ``methods``) in the store.
@@ -222,7 +244,8 @@ def write_results(
     out = Path(out_dir)
     agg = aggregate(rows)
     paths = {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
-             "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md", "runs": out / "runs.json"}
+             "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md", "validation": out / "validation.md",
+             "runs": out / "runs.json"}
     _write_csv(rows, paths["csv"])
     with atomic_write(paths["table"]) as handle:
         handle.write(format_table(agg, dataset, methods, labeled))
@@ -231,6 +254,9 @@ def write_results(
         handle.write(format_paper_comparison(rows, dataset))
     with atomic_write(paths["ablations"]) as handle:
         handle.write(format_ablations(rows, dataset))
+    store = RunStore(reading_uri(tracking_uri, output_dir), dataset, experiment_name)
+    with atomic_write(paths["validation"]) as handle:
+        handle.write(format_validation(validation_rows(store, sorted({r["method"] for r in rows})), rows, dataset))
     with atomic_write(paths["runs"]) as handle:
         json.dump(run_configs(tracking_uri, dataset, experiment_name, output_dir), handle, indent=1, sort_keys=True)
         handle.write("\n")
