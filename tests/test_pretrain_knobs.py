@@ -19,7 +19,6 @@ from metacontrast.engines import GradMitigator, MultiLossEvents, MultiLossTraine
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss
 from metacontrast.nets import PretrainedWeightsMismatch, SegmentationUNet, UNetEncoder
 from metacontrast.workflows import checkpoint_norm, initialise_encoder
-from metacontrast.reporting.grid import parse_method
 
 TINY = [4, 8, 16, 32, 64]
 BUNDLES = ("gcl", "simclr", "glcl", "spcl", "macl", "ideal")
@@ -193,10 +192,10 @@ def test_per_label_image_heads_keep_each_labels_term_on_its_own_head():
         GCLLoss([], image_heads="per_label")
 
 
-def test_gcl_bundle_builds_one_image_head_per_meta_label_unless_shared(repo_root: Path):
+def test_gcl_bundle_builds_one_image_head_per_meta_label_on_request(repo_root: Path):
     with in_repo(repo_root):
-        paper = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"], image_heads="shared")
-        per_label = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"])
+        paper = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"])
+        per_label = _parser(repo_root, "gcl", features=TINY, meta_labels=["patient_id", "slice_quantile"], image_heads="per_label")
         assert sorted(paper.get_parsed_content("network").heads) == ["img", "pix"]
         assert sorted(per_label.get_parsed_content("network").heads) == ["img_patient_id", "img_slice_quantile", "pix"]
         assert per_label.get_parsed_content("loss").image_heads == "per_label"
@@ -216,19 +215,14 @@ def _parser(repo_root: Path, bundle: str, **overrides) -> ConfigParser:
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_every_bundle_has_paper_defaults_or_a_paper_row_logged_and_the_norm_reaches_its_encoder(repo_root: Path, bundle: str):
+def test_every_bundle_has_paper_defaults_logged_and_the_norm_reaches_its_encoder(repo_root: Path, bundle: str):
     parser = _parser(repo_root, bundle)
     keys = {"norm": "instance", "grad_clip_norm": 0.0, **({"warmup_iterations": 0} if bundle in COMMON_SCHEDULE else {})}
-    if bundle == "gcl":  # GCL runs the recipe issue 18 decided; the paper-literal reading is one row away
-        keys.update(pixel_weight=1.0, image_heads="shared")
-        recipe = {"norm": "batch", "grad_clip_norm": 1.0, "warmup_iterations": 10, "pixel_weight": 0.03, "image_heads": "per_label"}
-        assert {key: parser[key] for key in recipe} == recipe
-        assert parse_method("gcl/paper_literal").pretrain_overrides == keys
-        assert parse_method("gcl/warmup_clip_pixel003_batch_norm_image_heads").pretrain_overrides == recipe  # the screened row
-        parser.update(keys)
     for key, default in keys.items():
         assert parser[key] == default, key
         assert parser["hyper_parameters"][key] == f"@{key}", f"{key} is not logged"
+    if bundle == "gcl":
+        assert parser["pixel_weight"] == 1.0 and parser["hyper_parameters"]["pixel_weight"] == "@pixel_weight"
     with in_repo(repo_root):
         parser = _parser(repo_root, bundle, norm="batch", features=TINY)
         network = parser.get_parsed_content("unet" if bundle == "glcl" else "network")
