@@ -116,11 +116,13 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
     finetunes = client.search_runs([client.get_experiment_by_name("metacontrast-acdc-probe-finetunes").experiment_id])
     assert len(finetunes) == 8 and all(r.data.params["freeze_encoder"] == "true" for r in finetunes)
 
-    # tabled: random first as the reference, then the trained encoder, then chance
+    # tabled: random first as the reference, then the trained encoder, then chance; then the gain table
     lines = table.read_text().splitlines()
-    rows = [line.split(" | ")[0].strip("| ") for line in lines if line.startswith("| ")][2:]
+    first = lines[: lines.index("", 3)]
+    rows = [line.split(" | ")[0].strip("| ") for line in first if line.startswith("| ")][2:]
     assert rows == ["random", "gcl", "chance"]
     assert " ± " in lines[4] and lines[4].endswith("| 2 |")
+    assert any(line.startswith("| gcl | random | ") for line in lines[len(first):])
 
 
 def test_write_results_tables_the_probe_runs_of_its_store(tmp_path: Path) -> None:
