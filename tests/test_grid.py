@@ -138,8 +138,11 @@ def test_grid_writes_csv_table_and_plot(grid: dict[str, Any]) -> None:
     out = Path(grid["root"]) / "results" / "sample"
     assert paths == {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
                      "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md",
-                     "runs": out / "runs.json"}
+                     "validation": out / "validation.md", "runs": out / "runs.json"}
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths.values())
+    # the decision table: every fine-tuned row with its best validation Dice, gcl against random init
+    validation = paths["validation"].read_text()
+    assert "| random | 1 | " in validation and "| gcl | 1 | " in validation and "| random | " in validation.split("| gcl | 1 | ")[1]
     png = paths["plot"].read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
 

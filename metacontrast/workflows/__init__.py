@@ -6,3 +6,4 @@ from .data import FinetuneData, PretrainData, epochs_for, read_manifest, select_
 from .checkpoints import UnsafeCheckpointError, checkpoint_norm, initialise_encoder, load_checkpoint, start_workflow_run, state_dict_of
 from .finetune import finalise_finetune, parameter_groups
 from .handlers import EncoderSaver, LossTermLogger, atomic_torch_save
+from .model_settings import ModelSettingsConflict, read_model_settings, record_model_settings
