@@ -59,12 +59,14 @@ def collect_evaluate_runs(
 ) -> list[dict[str, Any]]:
     """One row per FINISHED evaluate run of ``dataset`` (in ``methods`` if given), sorted by method, L, seed.
 
-    ``used`` is ``True`` for the newest run of each ``(method, num_labeled, seed)``.
+    ``used`` is ``True`` for the newest run of each ``(method, num_labeled, seed)``; ``norm`` is the U-Net's
+    normalisation layer, logged by the fine-tune run of the same ``(method, num_labeled, seed)``.
     ``experiment_name=None`` searches every experiment of the store.
     """
     runs = search_runs(
         tracking_uri, experiment_name, {"workflow": "evaluate", "dataset": dataset}, output_dir, status="FINISHED"
     )
+    networks = _finetune_norms(tracking_uri, dataset, experiment_name, output_dir)
     rows = []
     for record in runs_as_records(runs):
         tags, metrics = record["tags"], record["metrics"]
@@ -83,7 +85,7 @@ def collect_evaluate_runs(
                 "num_labeled": num_labeled,
                 "seed": seed,
                 "config_hash": tags.get("config_hash", ""),
-                "norm": record["params"].get("norm", ""),
+                "norm": networks.get((tags.get("method", ""), num_labeled, seed), ""),
                 "start_time": record["start_time"],
                 **{metric: metric_value(metrics.get(metric)) for _, metric, _ in TABLE_METRICS},
             }
@@ -96,6 +98,22 @@ def collect_evaluate_runs(
         seen.add(key)
     rows.sort(key=lambda r: (r["method"], r["num_labeled"], r["seed"], -r["start_time"]))
     return rows
+
+
+def _finetune_norms(tracking_uri: str, dataset: str, experiment_name: str | None,
+                    output_dir: str | os.PathLike[str] | None) -> dict[tuple[str, int, int], str]:
+    """``{(method, L, seed): norm}`` of the newest FINISHED fine-tune of each."""
+    found: dict[tuple[str, int, int], str] = {}
+    runs = search_runs(tracking_uri, experiment_name, {"workflow": "finetune", "dataset": dataset}, output_dir, status="FINISHED")
+    for record in runs_as_records(runs):  # newest first
+        tags = record["tags"]
+        try:
+            key = (tags.get("method", ""), int(tags["num_labeled"]), int(tags["seed"]))
+        except (KeyError, ValueError):
+            continue
+        found.setdefault(key, record["params"].get("norm", ""))
+    return found
+
 
 def format_table(
     agg: Mapping[tuple[str, int], Mapping[str, Any]],
