@@ -12,10 +12,6 @@ PACKAGE = PACKAGE_DIR.name
 LOWER = ("engines", "losses", "nets", "data")
 UPPER = ("workflows", "reporting", "export")
 MAX_LINES = 450
-#: modules allowed over MAX_LINES, with the reason
-LONG_EXCEPTIONS = {
-    "metacontrast.export.bundle",  # split under issue 20 item 4
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -104,7 +100,7 @@ def test_no_import_cycle():
 
 def test_no_module_is_too_long():
     long = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
-    over = {m: n for m, n in long.items() if n > MAX_LINES and m not in LONG_EXCEPTIONS}
+    over = {m: n for m, n in long.items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines: {over}"
 
 
