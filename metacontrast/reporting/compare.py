@@ -16,11 +16,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from ..tracking import RunStore
 from .results import collect_evaluate_runs, validation_rows
-from .tables import MISSING, format_gain, markdown_head, paired_gain
+from .tables import format_gain, markdown_head, mean_std_cell, paired_gain
 
 __all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_stores"]
 
@@ -28,12 +26,6 @@ __all__ = ["IMAGE_WISE_TERMS", "chance_level", "compare_pretraining", "compare_s
 IMAGE_WISE_TERMS = ("train_img/", "train_loss/views")
 YARDSTICK_SUFFIXES = ("/chance", "/min")
 """Metrics logged beside each term (its chance level and minimum for the batch, ``losses/yardsticks.py``)."""
-
-
-def _mean_std(rows: Sequence[dict[str, Any]], method: str, num_labeled: int, metric: str) -> str:
-    values = np.asarray([r[metric] for r in rows if r["method"] == method and r["num_labeled"] == num_labeled
-                         and r.get("used", True) and not math.isnan(float(r[metric]))], dtype=float)
-    return MISSING if not values.size else f"{values.mean():.3f} ± {values.std():.3f} ({values.size})"
 
 
 def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[str], labels: tuple[str, str] = ("A", "B"),
@@ -58,7 +50,7 @@ def compare_stores(dataset: str, store_a: str, store_b: str, methods: Sequence[s
     for method, num_labeled in keys:
         cells = []
         for metric, rows in tagged.items():
-            cells += [_mean_std(rows, f"{method} [{a}]", num_labeled, metric), _mean_std(rows, f"{method} [{b}]", num_labeled, metric),
+            cells += [mean_std_cell(rows, f"{method} [{a}]", num_labeled, metric), mean_std_cell(rows, f"{method} [{b}]", num_labeled, metric),
                       format_gain(paired_gain(rows, f"{method} [{b}]", f"{method} [{a}]", num_labeled, metric))]
         lines.append(f"| {method} | {num_labeled} | " + " | ".join(cells) + " |")
     lines += ["", "Validation Dice: the best `val_mean_dice` of each fine-tune (the value its checkpoint was chosen by); "

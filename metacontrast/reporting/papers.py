@@ -7,11 +7,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from .method_name import split_method_name
-from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head, paired_gain,
-                     random_reference, signed)
+from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head,
+                     mean_std_cell, paired_gain, random_reference, signed)
 
 __all__ = ["PAPER_ABLATIONS", "PAPER_DICE", "format_ablations", "format_gains", "format_paper_comparison"]
 
@@ -87,9 +85,7 @@ def format_validation(val_rows: Sequence[Mapping[str, Any]], rows: Sequence[Mapp
     lines = markdown_head(f"{dataset}: best validation Dice, and the gain over random init of the same recipe and network",
                           ["Row", "L", "val Dice: mean ± std (n)", "compared with", "gain (val, per seed): mean ± std (n)"])
     for method, num_labeled in keys:
-        values = np.asarray([r["val_dice_best"] for r in val if (r["method"], r["num_labeled"]) == (method, num_labeled)
-                             and not math.isnan(r["val_dice_best"])])
-        dice = MISSING if not values.size else f"{values.mean():.3f} ± {values.std():.3f} ({values.size})"
+        dice = mean_std_cell(val, method, num_labeled, "val_dice_best")
         reference = "" if is_random_row(method) else random_reference(val, method)
         gain = MISSING if not reference else format_gain(paired_gain(val, method, reference, num_labeled, "val_dice_best"))
         lines.append(f"| {method} | {num_labeled} | {dice} | {reference or '(reference)'} | {gain} |")

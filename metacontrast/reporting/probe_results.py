@@ -19,7 +19,7 @@ import numpy as np
 
 from ..io import atomic_write
 from ..tracking import runs_as_records, search_runs
-from .tables import MISSING, markdown_head
+from .tables import MISSING, is_random_row, markdown_head, random_reference
 
 __all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "reference_of", "write_probe_table"]
 
@@ -56,12 +56,14 @@ def collect_probe_runs(tracking_uri: str, dataset: str, experiment_name: str | N
 
 def reference_of(method: str, norms: Mapping[str, str], references: Sequence[str]) -> str | None:
     """The random-encoder row ``method`` is compared with: the one of ``references`` built with the same
-    normalisation layer (a batch-norm encoder against ``random/batch_norm``), else ``random``; ``None`` for a
-    random row itself."""
+    normalisation layer (a batch-norm encoder against ``random/batch_norm``), else ``random``
+    (:func:`~metacontrast.reporting.tables.random_reference`); ``None`` for a random row itself or when
+    ``references`` lack it."""
     if method in references:
         return None
-    same = [r for r in references if norms.get(r, "instance") == norms.get(method, "instance")]
-    return same[0] if same else (REFERENCE if REFERENCE in references else None)
+    rows = [{"method": m, "norm": norms.get(m, "instance")} for m in (*references, method)]
+    found = random_reference(rows, method, REFERENCE)
+    return found if found in references else None
 
 
 def _frozen_columns(metrics: Sequence[str]) -> list[tuple[str, str]]:
@@ -114,7 +116,7 @@ def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], datas
     embedding cosine, ``mean ± std (n)`` of the per-seed difference (a seed draws the same frozen fine-tune
     volumes for both), marked ``✓`` where the mean gain exceeds both the reference's std over seeds and the
     std of the gains; ``""`` when no row has a reference."""
-    references = [m for m in order if m.split("/")[0].split("@")[0] == REFERENCE]
+    references = [m for m in order if is_random_row(m, REFERENCE)]
     columns = [c for c in columns if c[1] != "embedding_cosine"]
     rows = []
     for method in order:

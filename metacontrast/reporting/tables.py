@@ -18,7 +18,7 @@ import numpy as np
 from .method_name import split_method_name, with_recipe
 
 __all__ = ["MISSING", "PARTIAL", "TABLE_METRICS", "aggregate", "format_gain", "full_method", "is_random_row", "markdown_head",
-           "paired_gain", "random_reference", "same_recipe_random"]
+           "mean_std_cell", "paired_gain", "random_reference", "same_recipe_random"]
 
 #: (column label, MLflow metric, decimals) of the table's column groups, in order.
 TABLE_METRICS: tuple[tuple[str, str, int], ...] = (
@@ -93,6 +93,13 @@ def full_method(method: str) -> str:
     ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
     parts = split_method_name(method)
     return with_recipe(parts.bundle, parts.recipe)
+
+
+def mean_std_cell(rows: Sequence[Mapping[str, Any]], method: str, num_labeled: int, metric: str) -> str:
+    """``"mean ± std (n)"`` of ``metric`` over the ``used`` rows of ``(method, num_labeled)`` (NaN left out), or ``–``."""
+    values = np.asarray([r[metric] for r in rows if r["method"] == method and r["num_labeled"] == num_labeled
+                         and r.get("used", True) and not math.isnan(float(r[metric]))], dtype=float)
+    return MISSING if not values.size else f"{values.mean():.3f} ± {values.std():.3f} ({values.size})"
 
 
 def paired_gain(rows: Sequence[Mapping[str, Any]], method: str, reference: str, num_labeled: int,
