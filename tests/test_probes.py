@@ -163,3 +163,40 @@ def test_a_batch_norm_encoder_is_compared_with_the_batch_norm_random_encoder() -
     table = format_gain_table(runs, "acdc", ["random", "random/batch_norm", "gcl/bn"], [("k-NN", "knn_slice_quantile")], norms)
     # +0.05 on both seeds, but the batch-norm reference's own spread is 0.1: no tick
     assert "| gcl/bn | random/batch_norm | +0.050 ± 0.000 (2) |" in table.splitlines()
+
+
+def test_the_probe_table_reads_one_frozen_draw_protocol(tmp_path: Path) -> None:
+    """Runs that drew one labelled volume set per seed and runs that averaged three draws never share a table:
+    the store's newest protocol (most draws) is tabled, and the caption says how many draws a value averages."""
+    from metacontrast.reporting.probe_results import collect_probe_runs, write_probe_table
+    from metacontrast.tracking import start_run
+
+    def log(method: str, seed: int, dice: float, draws: int | None) -> None:
+        run = start_run("", "grid", "run", {"workflow": "probe", "dataset": "acdc", "method": method, "seed": seed}, tmp_path / "store")
+        if draws is not None:
+            run.log_params({"frozen_draws": draws})
+        run.log_metrics({"probe_frozen_L1_val_dice": dice})
+        run.end()
+
+    log("random", 0, 0.1, None)  # before frozen_draws was a setting: one draw
+    log("gcl", 0, 0.9, 1)
+    path = write_probe_table("", "acdc", tmp_path / "one", output_dir=tmp_path / "store")
+    assert "| gcl | 0.900 ± 0.000 | 1 |" in path.read_text() and "draws per seed" not in path.read_text()
+    log("random", 0, 0.2, 3)
+    log("random", 1, 0.4, 3)
+    runs = collect_probe_runs("", "acdc", output_dir=tmp_path / "store")
+    assert runs == {("random", 0): {"frozen_L1_val_dice": 0.2}, ("random", 1): {"frozen_L1_val_dice": 0.4}}
+    text = write_probe_table("", "acdc", tmp_path / "three", output_dir=tmp_path / "store").read_text()
+    assert "| random | 0.300 ± 0.100 | 2 |" in text and "| gcl |" not in text
+    assert "the mean over 3 labelled-volume draws per seed" in text
+
+
+def test_frozen_draws_are_disjoint_across_seeds_and_one_draw_keeps_the_probe_seed() -> None:
+    from metacontrast.errors import ConfigError
+    from metacontrast.workflows.probes import FrozenFinetune
+
+    assert FrozenFinetune([1], {}).draw_seeds(2) == [2]
+    three = FrozenFinetune([1], {}, draws=3)
+    assert [three.draw_seeds(s) for s in (0, 1, 2)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    with pytest.raises(ConfigError, match="frozen_draws"):
+        FrozenFinetune([1], {}, draws=0)

@@ -21,7 +21,7 @@ from ..io import atomic_write
 from ..tracking import runs_as_records, search_runs
 from .tables import MISSING, is_random_row, markdown_head, random_reference
 
-__all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "reference_of", "write_probe_table"]
+__all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "frozen_draws", "reference_of", "write_probe_table"]
 
 #: (column label, metric without ``probe_``) in table order; frozen-encoder Dice columns follow, by L and split.
 PROBE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -35,9 +35,18 @@ REFERENCE = "random"
 
 def _probe_records(tracking_uri: str, dataset: str, experiment_name: str | None,
                    output_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
-    """The FINISHED probe runs of ``dataset`` as records, newest first."""
+    """The FINISHED probe runs of ``dataset`` as records, newest first, of one protocol: the most labelled-volume
+    draws per frozen fine-tune in the store (param ``frozen_draws``; runs from before it was a setting drew once),
+    so a table never mixes means over several draws with single draws."""
     runs = search_runs(tracking_uri, experiment_name, {"workflow": "probe", "dataset": dataset}, output_dir, status="FINISHED")
-    return runs_as_records(runs)
+    records = runs_as_records(runs)
+    draws = max((frozen_draws(record) for record in records), default=1)
+    return [record for record in records if frozen_draws(record) == draws]
+
+
+def frozen_draws(record: Mapping[str, Any]) -> int:
+    """Labelled-volume draws per frozen fine-tune of a probe run record (1 when the param is absent)."""
+    return int(record["params"].get("frozen_draws", 1))
 
 
 def _metrics_by_key(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, float]]:
@@ -79,9 +88,10 @@ def _stats_cell(values: Sequence[float]) -> str:
 
 
 def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], dataset: str,
-                       methods: Sequence[str] | None = None, norms: Mapping[str, str] | None = None) -> str:
+                       methods: Sequence[str] | None = None, norms: Mapping[str, str] | None = None, draws: int = 1) -> str:
     """Markdown: methods (random first) x probes, ``mean ± std`` over seeds, the number of seeds, a chance row;
-    then each encoder's per-seed gain over its random reference (:func:`format_gain_table`)."""
+    then each encoder's per-seed gain over its random reference (:func:`format_gain_table`).  ``draws``: the
+    labelled-volume draws each seed's frozen Dice is the mean of."""
     found = sorted({method for method, _ in runs})
     order = list(methods) if methods is not None else sorted(found, key=lambda m: (m != REFERENCE, m))
     names = {m for metrics in runs.values() for m in metrics}
@@ -102,7 +112,8 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
               "k-NN accuracy of a meta label from the pooled encoder output (fit on `train`, scored on the probe's "
               "`score_split`, `val` by default); patient retrieval: top-1 accuracy of finding the same patient in another "
               "volume at another slice quantile (`score_split`); embedding cosine: mean pairwise cosine of the pooled encoder output (1 = collapsed); frozen "
-              "Dice: 3D Dice of a decoder-only fine-tune with L labelled volumes (encoder frozen). Chance: the "
+              "Dice: 3D Dice of a decoder-only fine-tune with L labelled volumes (encoder frozen)"
+              + (f", the mean over {draws} labelled-volume draws per seed" if draws > 1 else "") + ". Chance: the "
               "majority class, the share of same-patient candidates. `random` is the seeded random encoder, the "
               "reference row. Std is the population std over seeds. Made by "
               "`metacontrast.reporting.probe_results.write_probe_table` from MLflow probe runs only.", ""]
@@ -154,6 +165,7 @@ def write_probe_table(tracking_uri: str, dataset: str, out_dir: str | os.PathLik
     when the store has none."""
     records = _probe_records(tracking_uri, dataset, experiment_name, output_dir)
     runs = _metrics_by_key(records)
+    draws = frozen_draws(records[0]) if records else 1
     norms: dict[str, str] = {}
     for record in records:  # newest first
         norms.setdefault(record["tags"].get("method", ""), record["params"].get("norm", "instance"))
@@ -163,6 +175,6 @@ def write_probe_table(tracking_uri: str, dataset: str, out_dir: str | os.PathLik
         return None
     path = Path(out_dir) / "probes.md"
     with atomic_write(path) as handle:
-        handle.write(format_probe_table(runs, dataset, methods, norms))
+        handle.write(format_probe_table(runs, dataset, methods, norms, draws))
     return path
 
