@@ -88,7 +88,7 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
         encoder = tmp_path / "pretrain" / "encoder.pt"
         table = run_probes("acdc", str(acdc_dir), ["random", f"gcl={encoder}"], seeds=[0, 1], runs_dir=str(tmp_path / "runs"),
                            results_dir=str(tmp_path / "results"),
-                           overrides={**common, "max_volumes": 4, "max_iterations": 4})
+                           overrides={**common, "max_volumes": 4, "max_iterations": 4, "frozen_draws": 2})
     uri = f"sqlite:///{(tmp_path / 'runs' / 'acdc' / 'mlruns.db').resolve()}"
 
     # logged: one FINISHED run per (encoder, seed), tagged, every metric in range
@@ -99,6 +99,8 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
                      "frozen_L1_test_dice", "frozen_L2_val_dice", "frozen_L2_test_dice"):
             assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
         assert -1.0 <= metrics["embedding_cosine"] <= 1.0 and 0.0 < metrics["chance_organ_state"] <= 1.0
+        # frozen Dice: the mean of the two labelled-volume draws, each logged too
+        assert metrics["frozen_L1_val_dice"] == pytest.approx((metrics["frozen_L1_val_dice_draw0"] + metrics["frozen_L1_val_dice_draw1"]) / 2)
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("metacontrast-acdc").experiment_id], "tags.method = 'gcl'")[0]
     assert {run.data.tags[k] for k in ("workflow", "dataset")} == {"probe", "acdc"} and run.data.tags["seed"] in {"0", "1"}
@@ -111,10 +113,12 @@ def test_probes_of_a_random_and_a_trained_encoder(repo_root: Path, acdc_dir: Pat
     pretrained = torch.load(encoder, map_location="cpu", weights_only=True)["state_dict"]
     random0 = torch.load(tmp_path / "runs" / "acdc" / "random" / "probe_seed0" / "encoder.pt", weights_only=True)["state_dict"]
     for source, folder in ((pretrained, "gcl"), (random0, "random")):
-        final = torch.load(tmp_path / "runs" / "acdc" / folder / "probe_seed0" / "frozen_L2" / "model_final.pt", weights_only=True)
+        final = torch.load(tmp_path / "runs" / "acdc" / folder / "probe_seed0" / "frozen_L2_draw1" / "model_final.pt", weights_only=True)
         assert all(torch.equal(final[k], v) for k, v in source.items()), f"{folder}: the frozen encoder changed"
     finetunes = client.search_runs([client.get_experiment_by_name("metacontrast-acdc-probe-finetunes").experiment_id])
-    assert len(finetunes) == 8 and all(r.data.params["freeze_encoder"] == "true" for r in finetunes)
+    assert len(finetunes) == 16 and all(r.data.params["freeze_encoder"] == "true" for r in finetunes)
+    # probe seed s fine-tunes with seeds 2s and 2s + 1: the draws of seeds 0 and 1 are four different fine-tune seeds
+    assert {r.data.tags["seed"] for r in finetunes} == {"0", "1", "2", "3"}
 
     # tabled: random first as the reference, then the trained encoder, then chance; then the gain table
     lines = table.read_text().splitlines()

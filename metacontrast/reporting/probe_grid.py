@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 
 from .grid import COMMON, method_names, random_init_overrides
@@ -59,6 +60,8 @@ def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[s
     uri = tracking_uri or f"sqlite:///{(Path(runs_dir) / dataset / 'mlruns.db').resolve()}"
     experiment = f"metacontrast-{dataset}"
     configs = [str(COMMON / "probe.json")] + ([str(COMMON / "presets" / f"{preset}.json")] if preset else [])
+    # a run of another frozen-draw protocol is not this probe: it is run again (and tables apart)
+    draws = int((overrides or {}).get("frozen_draws", ConfigParser.load_config_file(COMMON / "probe.json")["frozen_draws"]))
     rows, failures = [], []
     for spec in method_names(methods):
         name, encoder = encoder_entry(spec, runs_dir, dataset)
@@ -68,7 +71,8 @@ def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[s
             print(f"[probes] skip {name}: {encoder} does not exist", flush=True)
             continue
         for seed in (int(s) for s in seeds):
-            if completed_runs(uri, experiment, {"workflow": "probe", "method": name, "dataset": dataset, "seed": seed}):
+            done = completed_runs(uri, experiment, {"workflow": "probe", "method": name, "dataset": dataset, "seed": seed})
+            if any(int(run.data.params.get("frozen_draws", 1)) == draws for run in done):
                 print(f"[probes] skip {name} seed={seed}: finished run in the store", flush=True)
                 continue
             start = time.perf_counter()
