@@ -89,3 +89,14 @@ class TwoHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.encoder(x)))
+
+
+#: what ``@data`` stands for when only a config's hyper-parameters are wanted (no slices are built)
+DATA_STANDIN = {"_target_": "types.SimpleNamespace", "epoch_length": 1, "labeled_volume_ids": [], "unlabeled_volume_ids": []}
+
+
+def logged_hyper_parameters(parser: Any) -> dict[str, Any]:
+    """The ``hyper_parameters`` a workflow config logs (and checks, and hashes), evaluated without building its
+    data: ``@data`` is replaced by :data:`DATA_STANDIN`.  Run from the repository root (:func:`in_repo`)."""
+    parser["data"] = DATA_STANDIN
+    return dict(parser.get_parsed_content("hyper_parameters"))

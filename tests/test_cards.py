@@ -74,6 +74,8 @@ def test_committed_cards_match_the_committed_results(repo_root: Path, tmp_path: 
     (tmp_path / "results").symlink_to(repo_root / "results")  # the same relative links as in the repository
     for card in sorted((repo_root / "bundles").glob("*/docs/README.md")):
         bundle = card.parent.parent.name
+        if bundle == "common":  # the shared workflows' page, no model card (scripts/write_cards.py skips it too)
+            continue
         copy = tmp_path / "bundles" / bundle / "docs" / "README.md"
         copy.parent.mkdir(parents=True)
         shutil.copy(card, copy)

@@ -54,6 +54,13 @@ def cap(entries: list[dict], max_volumes: int) -> list[dict]:
     return entries[:max_volumes] if max_volumes and max_volumes > 0 else entries
 
 
+def meta_labels_in(datalist: str | Path, wanted: Sequence[str]) -> list[str]:
+    """The meta labels of ``wanted`` (in its order) that the manifest ``datalist`` provides: SPCL's labels with
+    a weight, the probes' labels, on a dataset that may lack some of them (hippocampus has no ``organ_state``)."""
+    provided = read_manifest(datalist)["meta_labels"]
+    return [m for m in wanted if m in provided]
+
+
 def check_meta_labels(meta_labels: Sequence[str], manifest: dict, manifest_path: str | Path) -> list[str]:
     unknown = [m for m in meta_labels if m not in manifest["meta_labels"]]
     if unknown:
@@ -234,6 +241,21 @@ _SETTING_RULES: tuple[tuple[tuple[str, ...], str, Any, str], ...] = (
     (("learning_rate",), "learning rate", lambda v: v > 0, "> 0"),
     (("encoder_lr_scale",), "encoder learning-rate scale", lambda v: v > 0, "> 0 (freeze_encoder True freezes the encoder)"),
 )
+
+
+def hyper_parameters(run: Mapping[str, Any], method: Mapping[str, Any]) -> dict[str, Any]:
+    """A pre-training's hyper-parameters as one flat dict: the ``run`` keys every pre-training shares
+    (``pretrain_common.json``'s ``hyper_parameters#run``) and the ``method``'s own (its config's
+    ``method_hyper_parameters``).
+
+    One flat dict, so that MLflow logs the params under their own names (``seed``, ``pixel_weight``, not
+    ``run.seed``), :func:`check_settings` finds them, and the output folder's config hash is that of the
+    hand-kept lists this replaces.  A key in both parts is refused: a fact belongs to one of them.
+    """
+    both = sorted(set(run) & set(method))
+    if both:
+        raise ConfigError(f"hyper-parameters {both} are listed both as run keys (pretrain_common.json) and as the method's own")
+    return {**run, **method}
 
 
 def check_settings(settings: Mapping[str, Any]) -> Mapping[str, Any]:

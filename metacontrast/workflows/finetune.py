@@ -1,5 +1,6 @@
-"""Fine-tuning pieces the config does not say in one line: the optimiser's parameter groups, and the end
-of a run (which checkpoint is the result, what is logged, where it is)."""
+"""Fine-tuning pieces the config does not say in one line: the optimiser's parameter groups, the validation
+handler (when there is a ``val`` split), and the end of a run (which checkpoint is the result, what is logged,
+where it is)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from monai.handlers import ValidationHandler
 from torch import nn
 
 from ..nets.unet import SegmentationUNet
+from ..ranks import is_leader
 from ..tracking import TrackingRun
 
 
@@ -33,13 +36,25 @@ def parameter_groups(network: SegmentationUNet, learning_rate: float, encoder_lr
     return [group for group in groups if group["params"]]
 
 
-def finalise_finetune(tracking: TrackingRun, output_dir: str, has_validation: bool) -> Path:
+def validation_handlers(validator: Any, interval: int, val_loader: Any) -> list[ValidationHandler]:
+    """The trainer's validation: ``validator`` run every ``interval`` epochs (not before the first), or nothing
+    when the manifest has no ``val`` volumes (``val_loader`` is ``None``)."""
+    if val_loader is None:
+        return []
+    return [ValidationHandler(validator=validator, interval=interval, epoch_level=True, exec_at_start=False)]
+
+
+def finalise_finetune(tracking: TrackingRun, output_dir: str, has_validation: bool) -> Path | None:
     """Make ``model.pt`` the run's result, log it as an artifact, end the MLflow run, print a summary.
+
+    In a ``torchrun`` job only rank 0, which wrote the checkpoints, does this; the other ranks return ``None``.
 
     With a ``val`` split, ``model.pt`` is the best checkpoint by validation Dice (written by the
     validator's ``FiniteCheckpointSaver``); without one it is the final weights.  Neither is ever a model
     with non-finite weights: with no finite model to show, the run is marked FAILED and this raises.
     """
+    if not is_leader():
+        return None
     output = Path(output_dir)
     best, final = output / "model.pt", output / "model_final.pt"
     if not has_validation or not best.exists():

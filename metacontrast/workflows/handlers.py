@@ -187,8 +187,9 @@ class TrainingCheckpointer:
     """Saves everything a training run needs to continue, and resumes from the latest good save.
 
     Every ``interval`` epochs and when training completes, ``<output_dir>/training_checkpoint_iteration=N.pt``
-    holds the ``save_dict`` objects' ``state_dict()`` (network, optimiser, scheduler, sampler,
-    GradFilter, GradMitigator, validation state ...), the AMP ``GradScaler`` when the engine has one,
+    holds the ``save_dict`` objects' ``state_dict()`` (network, optimiser, scheduler, sampler, validation
+    state ...) and those of ``extra_state`` (what a method or semi-supervised mode adds: GradFilter,
+    GradMitigator, a teacher ...), the AMP ``GradScaler`` when the engine has one,
     the RNG states (:class:`RNGState`) and the engine's iteration/epoch.  Files are written atomically
     (temporary file, then rename) and the ``n_saved`` newest are kept; weights that are not finite are
     never written (the previous checkpoints stay).
@@ -208,9 +209,12 @@ class TrainingCheckpointer:
 
     def __init__(self, output_dir: str, save_dict: Mapping[str, Any], interval: int = 1, n_saved: int = 2,
                  generators: Sequence[torch.Generator | None] = (), resume: bool = True, prefix: str = "training_checkpoint",
-                 run: Any = None) -> None:
+                 run: Any = None, extra_state: Mapping[str, Any] | None = None) -> None:
         self.output_dir = Path(output_dir)
-        self.save_dict = dict(save_dict)
+        both = sorted(set(save_dict) & set(extra_state or {}))
+        if both:
+            raise ValueError(f"TrainingCheckpointer: {both} named both in save_dict and in extra_state")
+        self.save_dict = {**save_dict, **(extra_state or {})}
         self.interval = max(int(interval), 1)
         self.n_saved = max(int(n_saved), 1)
         self.rng = RNGState(generators)
