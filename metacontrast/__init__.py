@@ -4,8 +4,9 @@ Subpackages follow the pipeline: ``data`` (manifests, transforms, slice cache, s
 ``nets`` (U-Net encoder/decoder, projection heads), ``losses`` (one module per loss), ``engines``
 (the multi-loss trainer, GradMitigator, GradFilter), ``semi`` (semi-supervised fine-tune add-ons),
 ``workflows`` (what the bundle configs instantiate: data, handlers, checkpoints, fine-tune, evaluate),
-``tracking`` (MLflow) and ``reporting`` (the grid, results, pictures, cards, run after training); ``ranks``
-and ``errors`` are the small modules every layer may import.  Subpackages load on first use, so
+``tracking`` (MLflow) and ``reporting`` (the grid, results, pictures, cards, run after training); ``ranks``,
+``errors`` and ``method_name`` (the row-name grammar) are the small modules every layer may import, and
+``layout`` says where the runs of a dataset live.  Subpackages load on first use, so
 ``import metacontrast`` (as bundle configs do) stays cheap.
 """
 
@@ -14,7 +15,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 __version__ = "0.1.0"
-_SUBPACKAGES = ("data", "engines", "errors", "losses", "nets", "ranks", "reporting", "semi", "tracking", "workflows")
+_SUBPACKAGES = ("data", "engines", "errors", "layout", "losses", "method_name", "nets", "ranks", "reporting", "semi", "tracking",
+               "workflows")
 
 
 def __getattr__(name: str):

@@ -55,6 +55,7 @@ def one(name: str, dataset: str, dataset_dir: str, preset: str | None, steps: in
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
+    from metacontrast.tracking import local_tracking_uri
     from metacontrast.workflows import epochs_for
 
     configs, trainer_id, overrides = WORKFLOWS[name]
@@ -65,7 +66,7 @@ def one(name: str, dataset: str, dataset_dir: str, preset: str | None, steps: in
     own_iterations = int(overrides.get("max_iterations") or parser.get_parsed_content("max_iterations"))
     own_epochs = int(parser.get_parsed_content("max_epochs"))
     parser.update({**overrides, "dataset": dataset, "dataset_dir": dataset_dir, "runs_dir": out, "output_dir": out,
-                   "tracking_uri": f"sqlite:///{out}/mlruns.db", "max_iterations": warmup + steps, "num_threads": threads,
+                   "tracking_uri": local_tracking_uri(out), "max_iterations": warmup + steps, "num_threads": threads,
                    "method": "random" if name.startswith("finetune") else name.split("_")[0]})
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content(trainer_id)

@@ -18,11 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from metacontrast.io import atomic_write  # noqa: E402
+from metacontrast.layout import RunLayout  # noqa: E402
 from metacontrast.tracking import search_runs  # noqa: E402
 
 
 def main(dataset: str = "acdc", tracking_uri: str = "", output: str = "") -> str:
-    uri = tracking_uri or f"sqlite:///{Path('runs', dataset, 'mlruns.db').resolve()}"
+    uri = tracking_uri or RunLayout("runs", dataset).store_uri()
     runs = search_runs(uri, f"metacontrast-{dataset}", {"dataset": dataset}, status="FINISHED")
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for run in runs:

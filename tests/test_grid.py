@@ -334,7 +334,7 @@ def test_row_names_split_once_and_name_their_pre_training() -> None:
     """One grammar, ``<bundle>[/<variant>][+<add-on>][@<recipe>]``: a pre-training ablation runs under its
     own name, a fine-tune-only variant and an add-on reuse the bundle's pre-training, random init has none."""
     from metacontrast.reporting.grid import parse_method
-    from metacontrast.reporting.method_name import MethodName, split_method_name, with_recipe
+    from metacontrast.method_name import MethodName, split_method_name, with_recipe
 
     parts = split_method_name("gcl/naive_sum+mean_teacher@improved")
     assert parts == MethodName("gcl", "naive_sum", "mean_teacher", "improved")

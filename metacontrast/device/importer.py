@@ -1,11 +1,11 @@
 """Bring a device run home: unpack its returned archives and merge its MLflow runs into the grid's store.
 
-The device writes its runs into its own stores (``<runs>/<dataset>/mlruns.db`` there, or one per run of a
+The device writes its runs into its own stores (the grid's store of each dataset there, or one per run of a
 parallel stage group).  Here :func:`import_device_run` unpacks the returned ``runs.tar.gz`` (parts joined) under
 ``runs_dir``, keeps each device store as ``device_mlruns.db`` where it was (carried back to the device next time,
 so an interrupted pre-training resumes in the same run), and copies every run of it into the grid's store of
-its top folder (``<runs_dir>/<dataset>/mlruns.db``): tags, params, the full history of every metric, artifacts, status and times.  A copied run
-carries the tag ``device_source_run`` (the device's run id); importing again skips runs already copied
+its top folder, the dataset (:meth:`~metacontrast.layout.RunLayout.store_uri`): tags, params, the full history
+of every metric, artifacts, status and times.  A copied run carries the tag ``device_source_run`` (the device's run id); importing again skips runs already copied
 and finished, and replaces a copy of a run that was still running, so the import is idempotent.
 ``run_grid.py`` and the results runner then see these runs like any other.
 """
@@ -20,11 +20,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from metacontrast.layout import RunLayout
 from metacontrast.tracking import filter_string, get_experiment_id, open_client
+from metacontrast.tracking.store import SQLITE_PREFIX, STORE_FILE
 
 __all__ = ["SOURCE_TAG", "import_device_run", "join_parts", "merge_store"]
 
 SOURCE_TAG = "device_source_run"
+#: what a device store is kept as beside the grid's store
+DEVICE_STORE_FILE = f"device_{STORE_FILE}"
 _BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics and 100 params per call
 
 
@@ -91,8 +95,9 @@ def import_device_run(returned: str | Path, runs_dir: str | Path) -> dict[str, A
     """Unpack ``returned``'s ``runs`` archive under ``runs_dir`` and merge every device store into its grid store.
 
     A device store ``runs/<top>/.../mlruns.db`` in the archive (one per dataset, or one per run of a parallel
-    stage group) is kept as ``<runs_dir>/<top>/.../device_mlruns.db`` and merged into ``<runs_dir>/<top>/mlruns.db``,
-    the store ``run_grid.py --runs_dir <runs_dir> --dataset <top>`` reads.
+    stage group) is kept as ``<runs_dir>/<top>/.../device_mlruns.db`` and merged into the grid's store of
+    dataset ``<top>`` (:meth:`~metacontrast.layout.RunLayout.store_uri`), the store ``run_grid.py --runs_dir
+    <runs_dir> --dataset <top>`` reads.
 
     Args:
         returned: the folder the device's files came back in (``runs.tar.gz`` or its parts, ``logs.tar.gz``,
@@ -110,22 +115,22 @@ def import_device_run(returned: str | Path, runs_dir: str | Path) -> dict[str, A
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
         tar.extractall(tmp, filter="data")
         root = Path(tmp) / "runs"
-        found = sorted(root.rglob("mlruns.db"))
+        found = sorted(root.rglob(STORE_FILE))
         if not found:
             raise FileNotFoundError(f"{archive} holds no runs/<name>/mlruns.db: not a device run")
         for path in sorted(root.rglob("*")):
             if not path.is_file() or "mlartifacts" in path.parts:  # artifacts go through the store
                 continue
             rel = path.relative_to(root)
-            dest = runs_dir / (rel.with_name("device_mlruns.db") if path.name == "mlruns.db" else rel)
+            dest = runs_dir / (rel.with_name(DEVICE_STORE_FILE) if path.name == STORE_FILE else rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
             unpacked.append(str(dest))
         for store in found:
             rel = store.relative_to(root)
-            kept = runs_dir / rel.with_name("device_mlruns.db")
-            target = f"sqlite:///{(runs_dir / rel.parts[0] / 'mlruns.db').resolve()}"
-            counts = merge_store(f"sqlite:///{kept.resolve()}", target)
+            kept = runs_dir / rel.with_name(DEVICE_STORE_FILE)
+            target = RunLayout(runs_dir, rel.parts[0]).store_uri()
+            counts = merge_store(f"{SQLITE_PREFIX}{kept.resolve()}", target)
             total = stores.setdefault(target, {"copied": 0, "skipped": 0, "replaced": 0})
             for key, value in counts.items():
                 total[key] += value

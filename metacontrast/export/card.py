@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import REPO_ROOT
-from ..reporting.method_name import split_method_name
+from ..method_name import split_method_name
 from . import vendor
 from .configs import TEMPLATES, preprocessing_of
 from .source import BundleSource

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from .. import REPO_ROOT
+from ..layout import RunLayout
+from ..tracking import download_artifact, finite_metrics, get_run, local_tracking_uri, search_runs
 from ..workflows.checkpoints import load_checkpoint, state_dict_of
 from ..workflows.metrics import flatten_summary
-from ..tracking import download_artifact, finite_metrics, get_run, local_tracking_uri, search_runs
 from . import ExportError
 from .configs import FINETUNE_CONFIG
 
@@ -177,7 +178,7 @@ def source_from_checkpoint(
         **settings,
     }  # fmt: skip
     metrics: dict[str, float] = {}
-    summary = ckpt.parent / "evaluation" / "summary.json"
+    summary = RunLayout.evaluation_dir(ckpt.parent) / "summary.json"
     if summary.is_file():
         metrics = finite_metrics(flatten_summary(json.loads(summary.read_text()), prefix="test"))
     return BundleSource(checkpoint=ckpt, settings=values, eval_metrics=metrics)

@@ -1,6 +1,5 @@
 """What runs after training to report on it, from the MLflow store and the files its runs point to.
 
-* :mod:`.method_name` -- the grammar of a results-grid row name (``<bundle>[/<variant>][+<add-on>][@<recipe>]``);
 * :mod:`.grid` -- run the rows of a results grid (pre-train, fine-tune, evaluate), then the results;
 * :mod:`.tables`, :mod:`.results`, :mod:`.papers` -- aggregates and gains paired by seed; the tables, CSV and
   plot of a grid; our gains beside the papers';
@@ -9,6 +8,7 @@
 * :mod:`.probe_grid`, :mod:`.probe_results` -- representation probes of many encoders and their table;
 * :mod:`.joint_optimum` -- the joint optimum of the image-wise terms, drawn in the pre-training curves.
 
-Nothing is imported here, so that importing one module (the row-name grammar, which the semi-supervised
-mode check uses) does not load the others.
+The grammar of a row name (``<bundle>[/<variant>][+<add-on>][@<recipe>]``) is :mod:`metacontrast.method_name`
+and where runs live :mod:`metacontrast.layout`, below this package.  Nothing is imported here, so that
+importing one module does not load the others.
 """

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from ..io import atomic_write
-from .method_name import split_method_name
+from ..method_name import split_method_name
 from .papers import format_gains
 from .results import format_table, read_evaluate_csv
 from .tables import aggregate, is_random_row, same_recipe_random

@@ -35,10 +35,11 @@ from typing import Any
 from monai.bundle import run as run_bundle
 
 from .. import REPO_ROOT
+from ..layout import RunLayout
+from ..method_name import split_method_name
 from ..semi import ADD_ONS
-from .method_name import split_method_name
-from .results import write_results
 from ..tracking import completed_runs
+from .results import write_results
 
 COMMON = REPO_ROOT / "bundles" / "common" / "configs"
 
@@ -132,8 +133,9 @@ class ResultsGrid:
         self.methods = [parse_method(m) for m in methods]
         self.labeled, self.seeds = [int(x) for x in labeled], [int(s) for s in seeds]
         self.runs_dir = Path(runs_dir)
+        self.layout = RunLayout(self.runs_dir, dataset)
         self.results_dir = Path(results_dir) / dataset
-        self.tracking_uri = tracking_uri or f"sqlite:///{(self.runs_dir / dataset / 'mlruns.db').resolve()}"
+        self.tracking_uri = tracking_uri or self.layout.store_uri()
         self.experiment_name = f"metacontrast-{dataset}"
         self.presets = [str(COMMON / "presets" / f"{preset}.json")] if preset else []
         self.common = {"dataset": dataset, "dataset_dir": self.dataset_dir, "tracking_uri": self.tracking_uri,
@@ -164,12 +166,11 @@ class ResultsGrid:
         base = spec.pretraining
         if base is None:
             return ""
-        out = self.runs_dir / self.dataset / base / "pretrain"
-        encoder = out / "encoder.pt"
+        out, encoder = self.layout.pretrain_dir(base), Path(self.layout.encoder(base))
         if encoder.is_file() and self._done("pretrain", base):
             print(f"[grid] skip pretrain {base}: finished run in the store")
             return str(encoder)
-        overrides = {**self.common, **spec.pretrain_overrides, **self.pretrain_extra, "method": base, "output_dir": str(out)}
+        overrides = {**self.common, **spec.pretrain_overrides, **self.pretrain_extra, "method": base, "output_dir": out}
         ok = self._run(f"pretrain {base}", [str(spec.pretrain_config), *self.presets], overrides)
         return str(encoder) if ok and encoder.is_file() else ""
 
@@ -177,7 +178,7 @@ class ResultsGrid:
         if self._done("evaluate", spec.name, num_labeled=num_labeled, seed=seed):
             print(f"[grid] skip {spec.name} L={num_labeled} seed={seed}: finished evaluate run in the store")
             return
-        out = self.runs_dir / self.dataset / spec.name / f"L{num_labeled}_seed{seed}"
+        out = Path(self.layout.finetune_dir(spec.name, num_labeled, seed))
         overrides = {**self.common, **spec.finetune_overrides, **self.finetune_extra, "method": spec.name,
                      "num_labeled": num_labeled, "seed": seed, "output_dir": str(out), "pretrained_ckpt": encoder}
         tag = f"{spec.name} L={num_labeled} seed={seed}"

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..layout import RunLayout
 from .figures import TILE_PX, figure, pyplot
 
 __all__ = ["choose_overlay_slices", "plot_overlays", "predictions_dir"]
@@ -72,8 +73,9 @@ def predictions_dir(run: Any, runs_dir: Path, dataset: str) -> Path:
     tags, params = run.data.tags, run.data.params
     candidates = []
     if params.get("ckpt"):
-        candidates.append(Path(params["ckpt"]).parent / "evaluation" / "predictions")
-    candidates.append(runs_dir / dataset / tags.get("method", "?") / f"L{tags.get('num_labeled')}_seed{tags.get('seed')}" / "evaluation" / "predictions")
+        candidates.append(RunLayout.evaluation_dir(Path(params["ckpt"]).parent) / "predictions")
+    finetune_dir = RunLayout(runs_dir, dataset).finetune_dir(tags.get("method", "?"), tags.get("num_labeled"), tags.get("seed"))
+    candidates.append(RunLayout.evaluation_dir(finetune_dir) / "predictions")
     for folder in candidates:
         if folder.is_dir():
             return folder

@@ -23,7 +23,7 @@
 Where things are found.  The pre-training run's ``config.json`` artifact gives the manifest, the
 preprocessing and ``num_partitions``; its ``encoder.pt`` artifact the weights (loaded weights-only).  The
 evaluate run's ``ckpt`` param is ``<output_dir>/model.pt`` and the workflow writes its predictions to
-``<output_dir>/evaluation/predictions/`` (the grid's layout ``<runs_dir>/<dataset>/<method>/L<L>_seed<seed>``
+``<output_dir>/evaluation/predictions/`` (the fine-tune folder of :class:`~metacontrast.layout.RunLayout`
 is tried second).  Images and labels are read from ``dataset_dir``, which no run records.
 
 The figures are drawn by :mod:`.curves`, :mod:`.tsne` and :mod:`.overlays` on :mod:`.figures`' fixed-size
@@ -47,11 +47,12 @@ from .. import REPO_ROOT
 from ..data.dicom import load_volume
 from ..data.slices import build_slice_cache
 from ..data.transforms import DEFAULT_NUM_PARTITIONS
+from ..layout import RunLayout
+from ..method_name import split_method_name
 from ..tracking import RunStore
 from ..workflows.data import cap, preprocessing_settings, read_manifest
 from .curves import plot_finetune_curves, plot_pretrain_curves
 from .grid import method_names, parse_method
-from .method_name import split_method_name
 from .overlays import choose_overlay_slices, plot_overlays, predictions_dir
 from .results import collect_evaluate_runs, plot_dice
 from .tables import aggregate
@@ -211,7 +212,7 @@ def draw_pictures(
     Args:
         dataset: the ``dataset`` tag of the runs (and the manifest name).
         dataset_dir: the raw data folder the manifest's paths are relative to (t-SNE and overlays read scans).
-        tracking_uri: the grid's MLflow store; empty: ``sqlite:///<runs_dir>/<dataset>/mlruns.db``.
+        tracking_uri: the grid's MLflow store; empty: :meth:`~metacontrast.layout.RunLayout.store_uri`'s.
         runs_dir: the grid's runs folder (default store; second place to look for predictions).
         out_dir: where the PNG files go; empty: ``results/<dataset>/figures``.
         methods: which methods (e.g. ``["random", "gcl"]``); ``None``: every method of the dataset's runs.
@@ -232,7 +233,7 @@ def draw_pictures(
         LookupError: the store holds no FINISHED run of ``dataset`` (or of any of ``methods``).
     """
     runs_path = Path(runs_dir)
-    uri = tracking_uri or f"sqlite:///{(runs_path / dataset / 'mlruns.db').resolve()}"
+    uri = tracking_uri or RunLayout(runs_path, dataset).store_uri()
     store = RunStore(uri, dataset, experiment_name)
     found = store.methods()
     if not found:

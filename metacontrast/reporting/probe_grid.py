@@ -1,9 +1,10 @@
 """Probe many encoders at several seeds into one MLflow store and write ``results/<dataset>/probes.md``.
 
 An encoder is named like a results-grid pre-training (``random``, ``gcl``, ``gcl/no_filter``: the file
-``<runs_dir>/<dataset>/<name>/pretrain/encoder.pt``), or given as a path to an ``encoder.pt``
-(``name=path`` names its row; a bare path is named after its folder, ``runs/acdc/gcl/pretrain/encoder.pt``
--> ``gcl``); ``random/<variant>`` is the seeded random encoder of another network (``random_init.json``).
+:meth:`~metacontrast.layout.RunLayout.encoder` names), or given as a path to an ``encoder.pt``
+(``name=path`` names its row; a bare path is named after its folder, or after the folder above a
+``pretrain`` folder, ``.../gcl/pretrain/encoder.pt`` -> ``gcl``); ``random/<variant>`` is the seeded
+random encoder of another network (``random_init.json``).
 Each (encoder, seed) runs ``bundles/common/configs/probe.json`` (with the preset) through
 ``monai.bundle.run`` unless the store already holds its FINISHED probe run, so an interrupted call resumes.
 """
@@ -18,9 +19,10 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 
-from .grid import COMMON, method_names, random_init_overrides
-from .method_name import split_method_name
+from ..layout import RANDOM, RunLayout
+from ..method_name import split_method_name
 from ..tracking import completed_runs
+from .grid import COMMON, method_names, random_init_overrides
 from .probe_results import write_probe_table
 
 __all__ = ["encoder_entry", "run_probes"]
@@ -31,12 +33,10 @@ def encoder_entry(spec: str, runs_dir: str | Path, dataset: str) -> tuple[str, s
     name, sep, path = spec.partition("=")
     if sep:
         return name, path
-    if split_method_name(spec).bundle == "random":
-        return spec, ""
-    if spec.endswith(".pt"):
+    if spec.endswith(".pt") and split_method_name(spec).bundle != RANDOM:  # a file; a random row has none
         folder = Path(spec).parent
         return (folder.parent.name if folder.name == "pretrain" else folder.name), spec
-    return spec, str(Path(runs_dir) / dataset / spec / "pretrain" / "encoder.pt")
+    return spec, RunLayout(runs_dir, dataset).encoder(spec)
 
 
 def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[str] | str = ("random", "gcl"),
@@ -49,15 +49,15 @@ def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[s
         methods: encoder names or ``encoder.pt`` paths (see the module docstring); ``random`` is the reference row.
         seeds: probe seeds (the random encoder's initialisation, the frozen fine-tunes' labelled volumes).
         preset: ``bundles/common/configs/presets/<preset>.json`` merged over ``probe.json`` (``None``: full scale).
-        runs_dir: where probe outputs go (``<runs_dir>/<dataset>/<name>/probe_seed<seed>``) and named encoders are.
-        tracking_uri: the MLflow store (default: the results grid's, ``<runs_dir>/<dataset>/mlruns.db``).
+        runs_dir: where probe outputs go (:meth:`~metacontrast.layout.RunLayout.probe_dir`) and named encoders are.
+        tracking_uri: the MLflow store (default: the results grid's, :meth:`~metacontrast.layout.RunLayout.store_uri`).
         overrides: further ``--key value`` pairs for every probe (``{"num_threads": 1}``, ``{"max_volumes": 4}``).
     Returns:
         The path of ``probes.md``.
     """
     if not dataset_dir:
         raise ValueError("dataset_dir is required: the folder the manifest's paths are relative to")
-    uri = tracking_uri or f"sqlite:///{(Path(runs_dir) / dataset / 'mlruns.db').resolve()}"
+    uri = tracking_uri or RunLayout(runs_dir, dataset).store_uri()
     experiment = f"metacontrast-{dataset}"
     configs = [str(COMMON / "probe.json")] + ([str(COMMON / "presets" / f"{preset}.json")] if preset else [])
     # a run of another frozen-draw protocol is not this probe: it is run again (and tables apart)

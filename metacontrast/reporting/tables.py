@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .method_name import split_method_name, with_recipe
+from ..method_name import split_method_name, with_recipe
 
 __all__ = ["MISSING", "PARTIAL", "TABLE_METRICS", "aggregate", "format_gain", "full_method", "is_random_row", "markdown_head",
            "mean_std_cell", "paired_gain", "random_reference", "same_recipe_random"]

@@ -27,7 +27,7 @@ from ..engines.prepare_batch import AugmentedPrepareBatch
 from ..nets.dual_decoder import DualDecoderUNet
 from ..nets.unet import SegmentationUNet
 from ..errors import ConfigError
-from ..reporting.method_name import split_method_name
+from ..method_name import split_method_name
 from ..workflows.handlers import LossTermLogger
 from .batches import SemiSupervisedPrepareBatch
 from .cross_pseudo import CrossPseudoSupervisionLoss, DualDecoderInferer

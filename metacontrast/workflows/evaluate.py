@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..data.dicom import load_volume
 from ..data.transforms import volume_preprocessing
 from ..io import atomic_write
+from ..layout import RunLayout
 from .checkpoints import load_checkpoint, state_dict_of
 from .data import cap, preprocessing_settings, read_manifest
 from .metrics import flatten_summary, summarise, volume_metrics, write_metrics_csv, write_summary
@@ -215,15 +216,16 @@ def run_evaluation(
     tracking.log_params({"preprocessing": {"source": source, **{k: settings[k] for k in ("pixel_size", "spatial_size")}}})
     print(f"evaluate: {split} volumes preprocessed to {' x '.join(f'{p:g}' for p in settings['pixel_size'])} mm, "
           f"{' x '.join(str(int(n)) for n in settings['spatial_size'])} ({'from ' + Path(ckpt).name if source != 'config' else 'from the config'})")
-    scored = [(ckpt, split, "evaluation", None)]  # (checkpoint, metric prefix, output folder, artifact folder)
+    scored = [(ckpt, split, False)]  # (checkpoint, metric prefix, whether it is the last weights)
     if last_ckpt and Path(last_ckpt).is_file():
-        scored.append((last_ckpt, f"{split}_last", "evaluation_last", "evaluation_last"))
+        scored.append((last_ckpt, f"{split}_last", True))
     elif last_ckpt:
         print(f"evaluate: no last checkpoint {last_ckpt}; only {ckpt} is scored")
     summaries = []
-    for path, prefix, folder, artifact_folder in scored:
+    for path, prefix, last in scored:
         network.load_state_dict(state_dict_of(load_checkpoint(path), path))
-        out = Path(output_dir) / folder
+        out = RunLayout.evaluation_dir(output_dir, last)
+        artifact_folder = out.name if last else None  # the last weights' files go under their folder's name
         rows, summary = evaluate_split(network, entries, dataset_dir, settings, manifest["labels"], out, device)
         tracking.log_metrics(flatten_summary(summary, prefix=prefix))
         for name in ("metrics.csv", "summary.json"):

@@ -36,6 +36,7 @@ from monai.networks.utils import one_hot
 from .. import REPO_ROOT
 from ..data.slices import SliceCache, build_slice_cache
 from ..io import atomic_torch_save, atomic_write
+from ..layout import ENCODER_FILE
 from ..nets import SegmentationUNet, encoder_state_dict, pooled_embedding
 from ..errors import ConfigError
 from ..tracking import TrackingRun
@@ -84,7 +85,7 @@ def prepare_encoder(network: SegmentationUNet, pretrained_ckpt: str, output_dir:
     if pretrained_ckpt:
         initialise_encoder(network, pretrained_ckpt)
         return str(pretrained_ckpt)
-    path = Path(output_dir) / "encoder.pt"
+    path = Path(output_dir) / ENCODER_FILE
     atomic_torch_save({"state_dict": encoder_state_dict(network), "network": {"features": list(network.features)},
                        "method": method}, path)
     return str(path)
