@@ -47,7 +47,7 @@ from .. import REPO_ROOT
 from ..data.dicom import load_volume
 from ..data.slices import build_slice_cache
 from ..data.transforms import DEFAULT_NUM_PARTITIONS
-from ..layout import RunLayout
+from ..layout import ENCODER_FILE, RunLayout
 from ..method_name import split_method_name
 from ..tracking import RunStore
 from ..workflows.data import cap, preprocessing_settings, read_manifest
@@ -140,7 +140,7 @@ class _Drawer:
         dataset_dir = self._require_dataset_dir("the t-SNE")
         folder = Path(self._tmp.name) / run.info.run_id
         config = json.loads(self.store.artifact(run, "config.json", folder).read_text())
-        encoder = EncoderEmbedding(self.store.artifact(run, "encoder.pt", folder))
+        encoder = EncoderEmbedding(self.store.artifact(run, ENCODER_FILE, folder))
         manifest = read_manifest(_manifest_path(config["datalist"]))
         entries = cap(manifest.get(split, []), num_volumes)
         if not entries:

@@ -31,6 +31,7 @@ from monai.utils.enums import CommonKeys
 from torch import nn
 
 from ..io import atomic_torch_save
+from ..layout import ENCODER_FILE
 from ..nets.unet import encoder_state_dict
 from .checkpoints import load_checkpoint
 
@@ -49,7 +50,7 @@ class EncoderSaver:
     leader_only = True  # it only writes: ranks other than 0 drop it (metacontrast.ranks)
 
     def __init__(self, network: nn.Module, output_dir: str, method: str, network_kwargs: dict | None = None,
-                 num_decoder_blocks: int = 0, interval: int = 1, filename: str = "encoder.pt") -> None:
+                 num_decoder_blocks: int = 0, interval: int = 1, filename: str = ENCODER_FILE) -> None:
         self.network, self.method = network, method
         self.path = Path(output_dir) / filename
         self.network_kwargs = dict(network_kwargs or {})

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.augment import BatchAugmentation
 from ..nets.heads import EncoderWithHeads
+from ..layout import ENCODER_FILE
 from ..tracking import TrackingRun
 
 Views = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
@@ -47,9 +48,10 @@ def local_head(mlp: nn.Module, channels: int, region_projection: int, region_siz
     return nn.Sequential(mlp, nn.Conv2d(channels, region_projection, region_size, bias=False))
 
 
-def finalise_pretrain(tracking: TrackingRun, encoder: str | Path) -> Path:
-    """Log ``encoder`` (the pre-trained ``encoder.pt``) as an artifact, end the MLflow run, print where both are."""
-    encoder = Path(encoder)
+def finalise_pretrain(tracking: TrackingRun, output_dir: str | Path) -> Path:
+    """Log the pre-trained encoder (``<output_dir>/encoder.pt``, :data:`~metacontrast.layout.ENCODER_FILE`) as an
+    artifact, end the MLflow run, print where both are; returns the encoder's path."""
+    encoder = Path(output_dir) / ENCODER_FILE
     tracking.log_artifact(encoder)
     tracking.end()
     print(f"pretrain finished: encoder {encoder}, MLflow run {tracking.run_id} in {tracking.tracking_uri}")
