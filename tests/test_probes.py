@@ -169,9 +169,9 @@ def test_a_batch_norm_encoder_is_compared_with_the_batch_norm_random_encoder() -
     assert "| gcl/bn | random/batch_norm | +0.050 ± 0.000 (2) |" in table.splitlines()
 
 
-def test_the_probe_table_reads_one_frozen_draw_protocol(tmp_path: Path) -> None:
+def test_the_probe_table_keeps_frozen_draw_protocols_apart(tmp_path: Path) -> None:
     """Runs that drew one labelled volume set per seed and runs that averaged three draws never share a table:
-    the store's newest protocol (most draws) is tabled, and the caption says how many draws a value averages."""
+    one table per protocol, the most draws first, each saying how many draws a value averages."""
     from metacontrast.reporting.probe_results import collect_probe_runs, write_probe_table
     from metacontrast.tracking import start_run
 
@@ -184,15 +184,19 @@ def test_the_probe_table_reads_one_frozen_draw_protocol(tmp_path: Path) -> None:
 
     log("random", 0, 0.1, None)  # before frozen_draws was a setting: one draw
     log("gcl", 0, 0.9, 1)
-    path = write_probe_table("", "acdc", tmp_path / "one", output_dir=tmp_path / "store")
-    assert "| gcl | 0.900 ± 0.000 | 1 |" in path.read_text() and "draws per seed" not in path.read_text()
+    one = write_probe_table("", "acdc", tmp_path / "one", output_dir=tmp_path / "store").read_text()
+    assert "| gcl | 0.900 ± 0.000 | 1 |" in one and "draws per seed" not in one
     log("random", 0, 0.2, 3)
     log("random", 1, 0.4, 3)
-    runs = collect_probe_runs("", "acdc", output_dir=tmp_path / "store")
-    assert runs == {("random", 0): {"frozen_L1_val_dice": 0.2}, ("random", 1): {"frozen_L1_val_dice": 0.4}}
-    text = write_probe_table("", "acdc", tmp_path / "three", output_dir=tmp_path / "store").read_text()
-    assert "| random | 0.300 ± 0.100 | 2 |" in text and "| gcl |" not in text
-    assert "the mean over 3 labelled-volume draws per seed" in text
+    assert collect_probe_runs("", "acdc", output_dir=tmp_path / "store") == {
+        ("random", 0): {"frozen_L1_val_dice": 0.2}, ("random", 1): {"frozen_L1_val_dice": 0.4}}
+    assert set(collect_probe_runs("", "acdc", output_dir=tmp_path / "store", draws=1)) == {("random", 0), ("gcl", 0)}
+    text = write_probe_table("", "acdc", tmp_path / "both", output_dir=tmp_path / "store").read_text()
+    three = text.index("### acdc: representation probes of frozen encoders, mean ± std over seeds, frozen Dice over 3 labelled-volume draws per seed")
+    single = text.index("### acdc: representation probes of frozen encoders, mean ± std over seeds\n")
+    assert three < single
+    assert "| random | 0.300 ± 0.100 | 2 |" in text[three:single] and "| gcl |" not in text[three:single]
+    assert "| gcl | 0.900 ± 0.000 | 1 |" in text[single:] and "the mean over 3 labelled-volume draws per seed" in text[three:single]
 
 
 def test_frozen_draws_are_disjoint_across_seeds_and_one_draw_keeps_the_probe_seed() -> None:

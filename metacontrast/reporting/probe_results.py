@@ -34,14 +34,15 @@ REFERENCE = "random"
 
 
 def _probe_records(tracking_uri: str, dataset: str, experiment_name: str | None,
-                   output_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
-    """The FINISHED probe runs of ``dataset`` as records, newest first, of one protocol: the most labelled-volume
-    draws per frozen fine-tune in the store (param ``frozen_draws``; runs from before it was a setting drew once),
-    so a table never mixes means over several draws with single draws."""
+                   output_dir: str | os.PathLike[str] | None) -> dict[int, list[dict[str, Any]]]:
+    """The FINISHED probe runs of ``dataset`` as records, newest first, by protocol: ``{frozen_draws: records}``
+    with the most labelled-volume draws per frozen fine-tune first (runs from before ``frozen_draws`` was a
+    setting drew once), so that no table mixes means over several draws with single draws."""
     runs = search_runs(tracking_uri, experiment_name, {"workflow": "probe", "dataset": dataset}, output_dir, status="FINISHED")
-    records = runs_as_records(runs)
-    draws = max((frozen_draws(record) for record in records), default=1)
-    return [record for record in records if frozen_draws(record) == draws]
+    protocols: dict[int, list[dict[str, Any]]] = {}
+    for record in runs_as_records(runs):
+        protocols.setdefault(frozen_draws(record), []).append(record)
+    return dict(sorted(protocols.items(), reverse=True))
 
 
 def frozen_draws(record: Mapping[str, Any]) -> int:
@@ -58,9 +59,13 @@ def _metrics_by_key(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int
 
 
 def collect_probe_runs(tracking_uri: str, dataset: str, experiment_name: str | None = None,
-                       output_dir: str | os.PathLike[str] | None = None) -> dict[tuple[str, int], dict[str, float]]:
-    """``{(method, seed): {metric without "probe_": value}}`` of the newest FINISHED probe run of each."""
-    return _metrics_by_key(_probe_records(tracking_uri, dataset, experiment_name, output_dir))
+                       output_dir: str | os.PathLike[str] | None = None, draws: int | None = None) -> dict[tuple[str, int], dict[str, float]]:
+    """``{(method, seed): {metric without "probe_": value}}`` of the newest FINISHED probe run of each, among the
+    runs with ``draws`` labelled-volume draws per frozen fine-tune (``None``: the most draws in the store)."""
+    protocols = _probe_records(tracking_uri, dataset, experiment_name, output_dir)
+    if not protocols:
+        return {}
+    return _metrics_by_key(protocols.get(next(iter(protocols)) if draws is None else draws, []))
 
 
 def reference_of(method: str, norms: Mapping[str, str], references: Sequence[str]) -> str | None:
@@ -96,7 +101,8 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
     order = list(methods) if methods is not None else sorted(found, key=lambda m: (m != REFERENCE, m))
     names = {m for metrics in runs.values() for m in metrics}
     columns = [c for c in PROBE_COLUMNS if c[1] in names] + _frozen_columns(names)
-    lines = markdown_head(f"{dataset}: representation probes of frozen encoders, mean ± std over seeds",
+    protocol = f", frozen Dice over {draws} labelled-volume draws per seed" if draws > 1 else ""
+    lines = markdown_head(f"{dataset}: representation probes of frozen encoders, mean ± std over seeds{protocol}",
                           ["Encoder", *(label for label, _ in columns), "Seeds"])
     for method in order:
         seeds = [metrics for (name, _), metrics in sorted(runs.items()) if name == method]
@@ -117,16 +123,16 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
               "majority class, the share of same-patient candidates. `random` is the seeded random encoder, the "
               "reference row. Std is the population std over seeds. Made by "
               "`metacontrast.reporting.probe_results.write_probe_table` from MLflow probe runs only.", ""]
-    gains = format_gain_table(runs, dataset, order, columns, norms or {})
+    gains = format_gain_table(runs, dataset, order, columns, norms or {}, protocol)
     return "\n".join(lines + ([gains] if gains else []))
 
 
 def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], dataset: str, order: Sequence[str],
-                      columns: Sequence[tuple[str, str]], norms: Mapping[str, str]) -> str:
+                      columns: Sequence[tuple[str, str]], norms: Mapping[str, str], heading_suffix: str = "") -> str:
     """Markdown: each encoder's gain over its random reference (:func:`reference_of`) on every probe but the
     embedding cosine, ``mean ± std (n)`` of the per-seed difference (a seed draws the same frozen fine-tune
     volumes for both), marked ``✓`` where the mean gain exceeds both the reference's std over seeds and the
-    std of the gains; ``""`` when no row has a reference."""
+    std of the gains; ``""`` when no row has a reference.  ``heading_suffix`` ends the heading (the protocol)."""
     references = [m for m in order if is_random_row(m, REFERENCE)]
     columns = [c for c in columns if c[1] != "embedding_cosine"]
     rows = []
@@ -148,7 +154,7 @@ def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], datas
         rows.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
-    lines = markdown_head(f"{dataset}: gain over the random encoder of the same network, per seed",
+    lines = markdown_head(f"{dataset}: gain over the random encoder of the same network, per seed{heading_suffix}",
                           ["Encoder", "compared with", *(label for label, _ in columns)])
     lines += rows
     lines += ["", "Each cell: mean ± std (number of seeds) of the encoder's probe value minus its reference's at the same "
@@ -161,20 +167,21 @@ def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], datas
 
 def write_probe_table(tracking_uri: str, dataset: str, out_dir: str | os.PathLike[str], methods: Sequence[str] | None = None,
                       experiment_name: str | None = None, output_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """Write ``<out_dir>/probes.md`` from the store's probe runs of ``dataset``; ``None`` (nothing written)
-    when the store has none."""
-    records = _probe_records(tracking_uri, dataset, experiment_name, output_dir)
-    runs = _metrics_by_key(records)
-    draws = frozen_draws(records[0]) if records else 1
-    norms: dict[str, str] = {}
-    for record in records:  # newest first
-        norms.setdefault(record["tags"].get("method", ""), record["params"].get("norm", "instance"))
-    if methods is not None:
-        runs = {key: value for key, value in runs.items() if key[0] in methods}
-    if not runs:
+    """Write ``<out_dir>/probes.md`` from the store's probe runs of ``dataset``, one probe table (and gain table)
+    per number of frozen draws, the most draws first; ``None`` (nothing written) when the store has none."""
+    tables = []
+    for draws, records in _probe_records(tracking_uri, dataset, experiment_name, output_dir).items():
+        runs = _metrics_by_key(records)
+        norms: dict[str, str] = {}
+        for record in records:  # newest first
+            norms.setdefault(record["tags"].get("method", ""), record["params"].get("norm", "instance"))
+        if methods is not None:
+            runs = {key: value for key, value in runs.items() if key[0] in methods}
+        if runs:
+            tables.append(format_probe_table(runs, dataset, methods, norms, draws))
+    if not tables:
         return None
     path = Path(out_dir) / "probes.md"
     with atomic_write(path) as handle:
-        handle.write(format_probe_table(runs, dataset, methods, norms, draws))
+        handle.write("\n".join(tables))
     return path
-
