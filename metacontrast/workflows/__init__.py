@@ -6,5 +6,6 @@ from .data import FinetuneData, PretrainData, epochs_for, hyper_parameters, meta
 from .checkpoints import TrainingCheckpointGiven, UnsafeCheckpointError, checkpoint_norm, initialise_encoder, load_checkpoint, start_workflow_run, state_dict_of
 from .finetune import finalise_finetune, parameter_groups, validation_handlers
 from .pretrain import finalise_pretrain
+from .resources import usable_cores
 from .handlers import EncoderSaver, LossTermLogger, atomic_torch_save
 from .model_settings import ModelSettingsConflict, read_model_settings, record_model_settings
