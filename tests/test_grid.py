@@ -31,7 +31,7 @@ from metacontrast.data.dicom import load_volume
 from metacontrast.data.slices import slice_cache_key
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
-from metacontrast.workflows import read_manifest
+from metacontrast.workflows import read_manifest, usable_cores
 from metacontrast.reporting.grid import run_grid
 from tests.helpers import in_repo
 
@@ -218,7 +218,7 @@ def test_preset_merges_over_every_workflow(repo_root: Path, config: str, workflo
         features = list(parser.get_parsed_content("features"))
         assert features == CPU_FEATURES and max(features) == 256
         assert parser.get_parsed_content("preprocessing_overrides")["acdc"] == CPU_ACDC
-        assert parser.get_parsed_content("num_threads") == 2
+        assert parser.get_parsed_content("num_threads") == usable_cores()
         if iterations is not None:
             assert parser.get_parsed_content("max_iterations") == iterations
         if workflow == "pretrain":

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_write
+from ..layout import ENCODER_FILE
 from ..nets.unet import PretrainedWeightsMismatch, SegmentationUNet, load_pretrained
 from ..ranks import FollowerRun, is_leader
 from ..tracking import TrackingRun, config_hash, start_run
@@ -36,6 +37,15 @@ logger = logging.getLogger(__name__)
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint that cannot be loaded as weights only (possibly crafted to run code) or is corrupt."""
+
+
+class TrainingCheckpointGiven(ValueError):
+    """A training checkpoint (``training_checkpoint_iteration=N.pt``, kept to resume a run) given where a model
+    file is expected; the message names the model file of its folder to use instead."""
+
+
+#: the model files of a fine-tune's folder and what each holds (a pre-training's is ``layout.ENCODER_FILE``)
+MODEL_FILES = {"model.pt": "best by validation", "model_final.pt": "last weights"}
 
 
 def _unpickler_reason(message: str) -> str:
@@ -61,8 +71,40 @@ def load_checkpoint(path: str | Path) -> Any:
         raise UnsafeCheckpointError(f"checkpoint {path} is truncated or corrupt: {err}") from None
 
 
+def is_training_checkpoint(checkpoint: Any) -> bool:
+    """Whether a loaded checkpoint was written by :class:`~metacontrast.workflows.handlers.TrainingCheckpointer`
+    (its ``format`` entry says at which iteration and of which objects)."""
+    form = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    return isinstance(form, dict) and "iteration" in form and "objects" in form
+
+
+def refuse_training_checkpoint(checkpoint: Any, path: str | Path) -> None:
+    """Raise :class:`TrainingCheckpointGiven`, naming the model file to use, when ``checkpoint`` (loaded from
+    ``path``) is a training checkpoint rather than a model file."""
+    if not is_training_checkpoint(checkpoint):
+        return
+    path = Path(path)
+    folder = path.parent
+    files = {**MODEL_FILES, ENCODER_FILE: "the pre-trained encoder"}
+    present = [name for name in files if (folder / name).is_file()]
+    if not present:  # the run has not written its model yet: name what its workflow writes
+        finetune, pretrain = state_file(folder, "finetune").is_file(), state_file(folder, "pretrain").is_file()
+        present = [ENCODER_FILE] if pretrain and not finetune else list(MODEL_FILES) if finetune else list(files)
+        where = "(not written yet: the run has not finished) "
+    else:
+        where = ""
+    use = " or ".join(f"{folder / name} ({files[name]})" for name in present)
+    raise TrainingCheckpointGiven(
+        f"checkpoint {path} is a training checkpoint (iteration {checkpoint['format']['iteration']}, kept to resume the run), "
+        f"not a model file: pass the model file of the same folder {where}instead: {use}"
+    )
+
+
 def state_dict_of(checkpoint: Any, path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint: ``{"state_dict": ...}``, ``{"model": ...}`` or a bare state dict."""
+    """The state dict inside a checkpoint: ``{"state_dict": ...}``, ``{"model": ...}`` or a bare state dict.
+
+    A training checkpoint is refused by name (:class:`TrainingCheckpointGiven`, naming the model file to use)."""
+    refuse_training_checkpoint(checkpoint, path)
     if isinstance(checkpoint, dict):
         for key in ("state_dict", "model"):
             if isinstance(checkpoint.get(key), dict):

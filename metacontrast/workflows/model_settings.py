@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.transforms import volume_preprocessing
 from ..nets.unet import SegmentationUNet
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, refuse_training_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,11 @@ def model_settings_of(checkpoint: Any) -> dict[str, Any] | None:
 
 
 def read_model_settings(path: str | Path) -> dict[str, Any] | None:
-    """:func:`model_settings_of` the checkpoint at ``path`` (loaded weights-only; errors name the file)."""
-    return model_settings_of(load_checkpoint(path))
+    """:func:`model_settings_of` the checkpoint at ``path`` (loaded weights-only; errors name the file; a training
+    checkpoint is refused naming the model file to use, :class:`~metacontrast.workflows.checkpoints.TrainingCheckpointGiven`)."""
+    checkpoint = load_checkpoint(path)
+    refuse_training_checkpoint(checkpoint, path)
+    return model_settings_of(checkpoint)
 
 
 def resolve_model_settings(
