@@ -21,7 +21,11 @@ def main(results_dir: str = "results", bundles_dir: str = "bundles") -> None:
     for card in sorted(Path(bundles_dir).glob("*/docs/README.md")):
         if card.parent.parent.name != "common":
             print(write_card_results(card, card.parent.parent.name, results_dir))
-    print(write_summary(Path(results_dir) / "README.md", results_dir))
+    summary = Path(results_dir) / "README.md"
+    if summary.is_file():
+        print(write_summary(summary, results_dir))
+    else:  # a results folder of its own (--results_dir) need not have the repository's summary page
+        print(f"{summary}: no such file, so no summary block was written (the model cards were)")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,19 @@ def test_committed_results_readme_matches_the_committed_results(repo_root: Path,
     shutil.copy(repo_root / "results" / "README.md", copy)
     write_summary(copy, repo_root / "results")
     assert copy.read_text() == (repo_root / "results" / "README.md").read_text(), "run scripts/write_cards.py"
+
+
+def test_write_cards_on_a_results_folder_without_the_summary_page(repo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``scripts/write_cards.py --results_dir`` a grid's own results folder (no ``README.md``): the cards are
+    written and the missing summary page is named, not a ``FileNotFoundError``."""
+    import runpy
+
+    main = runpy.run_path(str(repo_root / "scripts" / "write_cards.py"))["main"]
+    _write_csv(tmp_path / "results" / "sample" / "evaluate_runs.csv", {("random", 1, 0): 0.2, ("gcl", 1, 0): 0.5})
+    card = tmp_path / "bundles" / "gcl" / "docs" / "README.md"
+    card.parent.mkdir(parents=True)
+    card.write_text(CARD)
+    main(results_dir=str(tmp_path / "results"), bundles_dir=str(tmp_path / "bundles"))
+    assert _row(card.read_text(), "gcl")[1] == "0.500 ± 0.000"
+    assert not (tmp_path / "results" / "README.md").exists()
+    assert "README.md: no such file, so no summary block was written" in capsys.readouterr().out

@@ -41,6 +41,7 @@ from monai.bundle import ConfigParser, ckpt_export, verify_net_in_out
 from metacontrast.export import vendor
 from metacontrast.export import ExportError
 from metacontrast.export.bundle import export_bundle
+from metacontrast.export.source import source_from_mlflow
 from metacontrast.export.verify import check_metadata
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
@@ -59,11 +60,56 @@ SUBPROCESS_TIMEOUT_S = 600
 
 
 
+def outside_repo_path(repo_root: Path) -> list[str]:
+    """The module search path a user's Python has (its site-packages, after ``.pth`` files were processed, so a
+    venv's linked package folders are kept), less every folder in this repository or holding ``metacontrast``.
+
+    An install of the package with ``pip install -e .`` reaches it through site-packages: a ``.pth`` file that
+    puts the repository on the path, or one that installs an import hook (setuptools' editable finder).  A
+    Python started with ``-S`` processes no ``.pth`` file, and the path given here no longer names the
+    repository, so neither route is left; torch, MONAI and nibabel stay importable.
+    """
+    neutral = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    done = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"], cwd=Path("/"),
+                          env={**neutral, "PYTHONNOUSERSITE": "1"}, capture_output=True, text=True, check=True)
+    kept = []
+    for entry in json.loads(done.stdout):
+        folder = Path(entry).resolve()
+        if not folder.is_dir() or folder == repo_root.resolve() or repo_root.resolve() in folder.parents:
+            continue
+        if (folder / "metacontrast").exists() or (folder / "metacontrast.py").exists():
+            continue
+        kept.append(str(folder))
+    return kept
+
+
 def outside_repo_env(repo_root: Path) -> dict[str, str]:
-    """The environment without anything that would let Python find this repository."""
+    """The environment of :func:`outside_python`: nothing that would let Python find this repository."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["PYTHONNOUSERSITE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(outside_repo_path(repo_root))
     return env
+
+
+#: what a Python run "outside the repository" does first: fail unless ``import metacontrast`` fails
+NOT_IMPORTABLE = (
+    "import sys\n"
+    "try:\n    import metacontrast\n"
+    "except ModuleNotFoundError:\n    pass\n"
+    "else:\n    sys.exit(f'metacontrast is importable from {metacontrast.__file__}: not outside the repository')\n"
+)
+
+
+def outside_python(code: str) -> list[str]:
+    """A command that runs ``code`` outside the repository: Python without ``site`` (no ``.pth`` file is
+    processed, so no editable install of the package is seen; :func:`outside_repo_env` gives its path), which
+    first checks that ``import metacontrast`` fails.  The working directory is first on ``sys.path``."""
+    return [sys.executable, "-S", "-c", NOT_IMPORTABLE + "import os; sys.path.insert(0, os.getcwd())\n" + code]
+
+
+#: ``python -m <module> <args>`` run outside the repository: ``[*OUTSIDE_MODULE, module, *args]``
+OUTSIDE_MODULE = outside_python("import runpy\nmodule, sys.argv = sys.argv[1], sys.argv[1:]\n"
+                                "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
 
 
 def run_checked(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -223,13 +269,25 @@ def test_verify_net_in_out_and_ckpt_export_pass(bundle: Path, tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------------
 
 
+def test_outside_python_cannot_import_the_package(repo_root: Path, tmp_path: Path) -> None:
+    """The interpreter the bundle runs under outside the repository cannot see the package, and says so when
+    it can (here: the repository put back on its path, as an editable install's ``.pth`` file would)."""
+    env = outside_repo_env(repo_root)
+    assert not any(Path(p).resolve() == repo_root.resolve() for p in env["PYTHONPATH"].split(os.pathsep))
+    done = run_checked(outside_python("import monai, nibabel, torch; print('imported', monai.__version__)"), tmp_path, env)
+    assert "imported" in done.stdout
+    seen = {**env, "PYTHONPATH": os.pathsep.join([str(repo_root), env["PYTHONPATH"]])}
+    done = subprocess.run(outside_python("print('ran')"), cwd=tmp_path, env=seen, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "ran" not in done.stdout
+    assert "metacontrast is importable from" in done.stderr and "not outside the repository" in done.stderr
+
+
 @pytest.mark.slow
 def test_inference_runs_from_a_copy_outside_the_repo(outside_copy: dict[str, Path], trained: dict[str, Any], repo_root: Path) -> None:
     copy, env = outside_copy["copy"], outside_repo_env(repo_root)
-    # the Python that runs the bundle cannot import this repository's package
-    run_checked([sys.executable, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('metacontrast') is not None)"], copy, env)
     out = outside_copy["root"] / "predictions"
-    run_checked([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+    # the Python that runs the bundle cannot import this repository's package, also under `pip install -e .`
+    run_checked([*OUTSIDE_MODULE, "monai.bundle", "run", "--config_file", "configs/inference.json",
                  "--dataset_dir", str(outside_copy["data"]), "--output_dir", str(out)], copy, env)  # fmt: skip
     image = outside_copy["image"]
     written = sorted(out.rglob("*.nii.gz"))
@@ -253,12 +311,12 @@ def test_evaluate_and_train_configs_run_from_the_copy(outside_copy: dict[str, Pa
     copy, root = outside_copy["copy"], outside_copy["root"]
     data = str((repo_root / SAMPLE_DIR).resolve())  # the data the bundle's datalist describes
     script = (
-        "import os, sys; sys.path.insert(0, os.getcwd()); from monai.bundle import run; "
+        "from monai.bundle import run; "
         f"run(config_file='configs/evaluate.json', dataset_dir={data!r}, output_dir={str(root / 'evaluate')!r}); "
         f"run(config_file='configs/train.json', dataset_dir={data!r}, output_dir={str(root / 'train')!r}, "
         "max_iterations=2, val_interval=1)"
     )
-    run_checked([sys.executable, "-c", script], copy, outside_repo_env(repo_root))
+    run_checked(outside_python(script), copy, outside_repo_env(repo_root))
     entry = trained["manifest"]["test"][0]
     ours = np.asarray(nib.load(root / "evaluate" / "evaluation" / "predictions" / f"{entry['volume_id']}.nii.gz").dataobj)
     theirs = np.asarray(nib.load(trained["output_dir"] / "evaluation" / "predictions" / f"{entry['volume_id']}.nii.gz").dataobj)
@@ -270,6 +328,22 @@ def test_evaluate_and_train_configs_run_from_the_copy(outside_copy: dict[str, Pa
     parser.read_config(str(copy / "configs" / "inference.json"))
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(root / "train" / "model.pt", map_location="cpu", weights_only=True), strict=True)
+
+
+@pytest.mark.slow
+def test_a_grid_run_is_exported_from_its_folder(sample_grid: dict[str, Any], tmp_path: Path) -> None:
+    """The README's export command names the run's folder (``--tracking_uri runs/acdc/gcl/L1_seed0``); a grid logs
+    every run into its own store, which the folder's ``finetune_run.json`` names."""
+    folder = sample_grid["runs_dir"] / "sample" / "gcl" / "L1_seed0"
+    assert not (folder / "mlruns.db").exists()  # the folder has no store of its own
+    run_id = json.loads((folder / "finetune_run.json").read_text())["mlflow_run_id"]
+    source = source_from_mlflow(run_id, str(folder), tmp_path / "work")
+    assert source.run_id == run_id and source.tracking_uri == sample_grid["tracking_uri"]
+    assert source.settings["method"] == "gcl" and source.settings["num_labeled"] == 1
+    assert 0.0 <= source.eval_metrics["test_dice_mean"] <= 1.0 and source.evaluate_run_id  # the grid's evaluate run
+    # a run the folder does not record is looked for in the folder's own store, which is named as missing
+    with pytest.raises(ExportError, match=r"no MLflow store at sqlite:///.*L1_seed0/mlruns\.db"):
+        source_from_mlflow("0" * 32, str(folder), tmp_path / "other")
 
 
 # ------------------------------------------------------------------------------------------------

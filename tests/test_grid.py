@@ -197,6 +197,16 @@ def test_rerun_starts_no_new_run(grid: dict[str, Any]) -> None:
         assert grid["paths"][name].read_bytes() == grid["files_after_first"][name], name
 
 
+
+def test_overrides_the_command_line_left_as_text_are_refused(repo_root: Path) -> None:
+    """``fire`` hands over ``{cache_dir: /tmp/x}`` (an unquoted path) as text, not a mapping: named, not a TypeError."""
+    import fire
+
+    argv = ["--dataset", "sample", "--dataset_dir", str(repo_root / "sample_data" / "hippocampus"),
+            "--finetune_overrides", "{cache_dir: /tmp/x}"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--finetune_overrides must be a mapping, got the text '\{cache_dir: /tmp/x\}'"):
+        fire.Fire(run_grid, command=argv, name="run_grid.py")
+
 # ------------------------------------------------------------------------------------------------
 # issue 10: the CPU-scale preset end to end on two ACDC volumes for two iterations
 # ------------------------------------------------------------------------------------------------

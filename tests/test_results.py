@@ -204,3 +204,92 @@ def test_validation_table_compares_each_row_with_random_init_of_its_network():
     lines = format_validation(val, rows, "acdc").splitlines()
     assert "| random/batch_norm@improved | 1 | 0.300 ± 0.100 (2) | (reference) | – |" in lines
     assert "| gcl@improved | 1 | 0.350 ± 0.100 (2) | random/batch_norm@improved | +0.050 ± 0.000 (2) |" in lines
+
+
+# ------------------------------------------------------------------------------------------------
+# dice_vs_L.png with fifteen rows (issue 20 item 7): keys outside the axes, a colour per method, a style per recipe
+# ------------------------------------------------------------------------------------------------
+
+FIFTEEN = ["random", "gcl", "gcl/no_mitigator", "gcl/no_filter", "gcl+mean_teacher", "simclr", "spcl", "glcl", "macl",
+           "ideal", "random@improved", "gcl@improved", "simclr@improved", "random@improved_slow_encoder",
+           "gcl@improved_slow_encoder"]  # fmt: skip
+FIFTEEN_METHODS = ["random", "gcl", "gcl/no_mitigator", "gcl/no_filter", "gcl+mean_teacher", "simclr", "spcl", "glcl",
+                   "macl", "ideal"]  # fmt: skip
+FIFTEEN_L = (1, 2, 8)
+
+
+def _fifteen_dice(method: str, num_labeled: int, seed: int) -> float:
+    return round(0.30 + 0.02 * FIFTEEN.index(method) + 0.05 * FIFTEEN_L.index(num_labeled) + 0.01 * seed, 4)
+
+
+@pytest.fixture(scope="module")
+def fifteen(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Fifteen rows (ten methods, three recipes) x L = 1, 2, 8 x two seeds of evaluate runs in a real store."""
+    out_dir = tmp_path_factory.mktemp("fifteen")
+    for method in FIFTEEN:
+        for num in FIFTEEN_L:
+            for seed in (0, 1):
+                _log(out_dir, method, num, seed, (_fifteen_dice(method, num, seed), 5.0, 1.0)).end()
+    paths = write_results("", "acdc", out_dir / "results", FIFTEEN, FIFTEEN_L, output_dir=out_dir)
+    return {"store": out_dir, "paths": paths}
+
+
+def test_dice_plot_of_fifteen_rows_keys_methods_by_colour_and_recipes_by_style(fifteen: dict) -> None:
+    from matplotlib.colors import to_rgba
+
+    from metacontrast.reporting.dice_plot import DPI, dice_figure, recipe_styles
+    from metacontrast.reporting.figures import pyplot
+    from metacontrast.reporting.results import collect_evaluate_runs
+    from metacontrast.reporting.tables import aggregate
+
+    agg = aggregate(collect_evaluate_runs("", "acdc", FIFTEEN, output_dir=fifteen["store"]))
+    fig = dice_figure(agg, "acdc", FIFTEEN, FIFTEEN_L)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        width, height = fig.get_size_inches() * DPI
+        # the PNG write_results wrote is this figure
+        png = fifteen["paths"]["plot"].read_bytes()
+        assert png.startswith(b"\x89PNG") and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (round(width), round(height))
+
+        (ax,) = fig.axes
+        keys = {key.get_title().get_text(): key for key in fig.legends}
+        assert set(keys) == {"method", "recipe"}
+        method_key, recipe_key = keys["method"], keys["recipe"]
+        assert [t.get_text() for t in method_key.get_texts()] == FIFTEEN_METHODS  # one entry per method, in row order
+        assert [t.get_text() for t in recipe_key.get_texts()] == ["paper", "improved", "improved_slow_encoder"]
+        colour = {t.get_text(): to_rgba(h.get_color()) for t, h in zip(method_key.get_texts(), method_key.legend_handles)}
+        style = {t.get_text(): h.get_linestyle() for t, h in zip(recipe_key.get_texts(), recipe_key.legend_handles)}
+        assert len(set(colour.values())) == len(FIFTEEN_METHODS) and len(set(style.values())) == 3
+        assert style["paper"] == "-"
+
+        # every row is drawn in its method's colour and its recipe's style, through the logged means
+        assert [c.get_label() for c in ax.containers] == FIFTEEN
+        xs = {}
+        for container in ax.containers:
+            row = container.get_label()
+            method, _, recipe = row.partition("@")
+            line = container.lines[0]
+            assert to_rgba(line.get_color()) == colour[method], row
+            assert line.get_linestyle() == style[recipe or "paper"], row
+            assert line.get_ydata() == pytest.approx([np.mean([_fifteen_dice(row, n, s) for s in (0, 1)]) for n in FIFTEEN_L])
+            assert np.round(np.log2(np.asarray(line.get_xdata(), dtype=float))).tolist() == [0, 1, 3]  # each point near its L ...
+            xs[row] = [float(x) for x in line.get_xdata()]
+        for i in range(len(FIFTEEN_L)):  # ... and no two rows' error bars on one vertical
+            assert len({round(x[i], 9) for x in xs.values()}) == len(FIFTEEN)
+
+        # the keys stand right of the axes, inside the figure, apart from each other, in readable type
+        axes_box = ax.get_window_extent(renderer)
+        boxes = [key.get_window_extent(renderer) for key in (method_key, recipe_key)]
+        for box in boxes:
+            assert box.x0 >= axes_box.x1 and not box.overlaps(axes_box)
+            assert 0 <= box.x0 and box.x1 <= width and 0 <= box.y0 and box.y1 <= height
+        assert not boxes[0].overlaps(boxes[1])
+        assert min(t.get_fontsize() for t in [*method_key.get_texts(), *recipe_key.get_texts()]) >= 8
+        labels = ax.get_tightbbox(renderer)  # tick labels, axis labels and title are not cut off
+        assert 0 <= labels.x0 and labels.x1 <= width and 0 <= labels.y0 and labels.y1 <= height
+        assert axes_box.width >= 5.5 * DPI and axes_box.height >= 3.5 * DPI  # more room than the five-row plot
+    finally:
+        pyplot().close(fig)
+    # a row with no recipe and the same row '@paper' are the paper's recipe alike
+    assert recipe_styles(["gcl@improved", "gcl", "gcl@paper"]) == {"paper": "-", "improved": "--"}

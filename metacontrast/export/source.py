@@ -25,7 +25,8 @@ import torch
 from .. import REPO_ROOT
 from ..layout import RunLayout
 from ..tracking import download_artifact, finite_metrics, get_run, local_tracking_uri, search_runs
-from ..workflows.checkpoints import load_checkpoint, state_dict_of
+from ..tracking.store import STORE_FILE
+from ..workflows.checkpoints import load_checkpoint, state_dict_of, state_file
 from ..workflows.metrics import flatten_summary
 from . import ExportError
 from .configs import FINETUNE_CONFIG
@@ -79,11 +80,21 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _store_uri(uri: str) -> str:
-    """A store given as a run folder (``<output_dir>``) or a ``.db`` file becomes its ``sqlite:///`` URI."""
+def _store_uri(uri: str, run_id: str = "") -> str:
+    """A store given as a run folder (``<output_dir>``) or a ``.db`` file becomes its ``sqlite:///`` URI.
+
+    A run folder without a store of its own is the folder of a run logged elsewhere (a results grid logs every
+    run into ``<runs>/<dataset>/mlruns.db``): its ``finetune_run.json`` names the store of run ``run_id``.
+    """
     path = Path(uri).expanduser()
     if "://" not in uri and path.is_dir():
-        return local_tracking_uri(path)
+        local = local_tracking_uri(path)
+        record = state_file(path, "finetune")
+        if not (path / STORE_FILE).is_file() and record.is_file():
+            recorded = json.loads(record.read_text())
+            if recorded.get("tracking_uri") and recorded.get("mlflow_run_id") == run_id:
+                return str(recorded["tracking_uri"])
+        return local
     if "://" not in uri and path.suffix == ".db":
         return f"sqlite:///{path.resolve().as_posix()}"
     return uri
@@ -118,9 +129,10 @@ def source_from_mlflow(run_id: str, tracking_uri: str, workdir: str | Path) -> B
     test metrics of the newest FINISHED evaluate run with the same method, dataset, L and seed that started
     after it (the grid's and the README's evaluate step).
 
-    ``tracking_uri`` is an MLflow URI, or the run's output folder / ``mlruns.db`` for the default local store.
+    ``tracking_uri`` is an MLflow URI, or the run's output folder / ``mlruns.db`` for the default local store (a
+    folder whose run was logged into another store, a grid's, names that store in its ``finetune_run.json``).
     """
-    uri = _store_uri(tracking_uri)
+    uri = _store_uri(tracking_uri, run_id)
     try:
         run = get_run(uri, run_id)
     except LookupError as err:

@@ -1,8 +1,8 @@
 """What runs after training to report on it, from the MLflow store and the files its runs point to.
 
 * :mod:`.grid` -- run the rows of a results grid (pre-train, fine-tune, evaluate), then the results;
-* :mod:`.tables`, :mod:`.results`, :mod:`.papers` -- aggregates and gains paired by seed; the tables, CSV and
-  plot of a grid; our gains beside the papers';
+* :mod:`.tables`, :mod:`.results`, :mod:`.papers` -- aggregates and gains paired by seed; the tables and CSV of a
+  grid; our gains beside the papers'; :mod:`.dice_plot` -- its Dice-against-L plot;
 * :mod:`.figures`, :mod:`.curves`, :mod:`.tsne`, :mod:`.overlays`, :mod:`.pictures` -- the figures of a grid;
 * :mod:`.compare` -- stores side by side; :mod:`.cards` -- the model cards' results blocks;
 * :mod:`.probe_grid`, :mod:`.probe_results` -- representation probes of many encoders and their table;

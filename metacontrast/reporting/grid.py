@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,10 @@ def run_grid(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[str
     """
     if not dataset_dir:
         raise ValueError("dataset_dir is required: the folder the manifest's paths are relative to")
+    for name, value in (("overrides", overrides), ("pretrain_overrides", pretrain_overrides), ("finetune_overrides", finetune_overrides)):
+        if value is not None and not isinstance(value, Mapping):  # the command line hands over what it could not parse as text
+            raise ValueError(f"--{name} must be a mapping, got the text {value!r}: quote every value that is not a bare word "
+                             """or number, e.g. --overrides '{cache_dir: "/tmp/cache", num_threads: 1}'""")
     grid = ResultsGrid(dataset, dataset_dir, method_names(methods), labeled, seeds, preset, runs_dir, results_dir, tracking_uri,
                        overrides, pretrain_overrides, finetune_overrides)
     return grid.run()

@@ -12,7 +12,7 @@
   and ``train_grad_norm`` are :class:`~metacontrast.engines.PretrainDiagnostics`' spread and gradient norms.
 * ``curves_finetune_<method>.png``: fine-tune training loss and validation Dice per epoch, one line per
   ``(L, seed)`` (colour = L, line style = seed).
-* ``dice_vs_L.png``: :func:`metacontrast.reporting.results.plot_dice` of the evaluate runs.
+* ``dice_vs_L.png``: :func:`metacontrast.reporting.dice_plot.plot_dice` of the evaluate runs.
 * ``tsne_<method>.png``: t-SNE (van der Maaten and Hinton, JMLR 2008) of the pre-trained encoder's
   pooled bottleneck features (:func:`metacontrast.nets.heads.pooled_embedding`, unit vectors) of every
   slice of a few volumes, one panel per meta label of the manifest, points coloured by that label:
@@ -54,7 +54,8 @@ from ..workflows.data import cap, preprocessing_settings, read_manifest
 from .curves import plot_finetune_curves, plot_pretrain_curves
 from .grid import method_names, parse_method
 from .overlays import choose_overlay_slices, plot_overlays, predictions_dir
-from .results import collect_evaluate_runs, plot_dice
+from .dice_plot import plot_dice
+from .results import collect_evaluate_runs
 from .tables import aggregate
 from .tsne import EncoderEmbedding, meta_colourings, plot_tsne, tsne
 

@@ -9,7 +9,8 @@
 * ``table.md``: the layout of the GCL paper's Table 1: one row per method, one column per L,
   cells ``mean ± std`` of the per-run test Dice over seeds, with HD95 and ASD (mm) as further
   column groups and the number of seeds per L;
-* ``dice_vs_L.png``: Dice against L per method, error bars = std over seeds;
+* ``dice_vs_L.png``: Dice against L per row, error bars = std over seeds, a colour per method and a line
+  style per recipe, keyed beside the axes (:mod:`metacontrast.reporting.dice_plot`);
 * ``paper_comparison.md``: each method's gain over random init fine-tuned with the same recipe beside the
   papers' gains;
 * ``ablations.md``: each variant (``gcl/no_filter@improved``) or add-on (``gcl+mean_teacher@improved``)
@@ -36,12 +37,12 @@ from typing import Any
 from ..io import atomic_write
 from ..tracking import RunStore, metric_value, runs_as_records, search_runs
 from ..tracking.store import reading_uri
+from .dice_plot import plot_dice
 from .papers import format_ablations, format_paper_comparison, format_validation
 from .probe_results import write_probe_table
-from .figures import pyplot
 from .tables import MISSING, PARTIAL, TABLE_METRICS, aggregate, cell, labeled_order, markdown_head, method_order
 
-__all__ = ["CSV_COLUMNS", "VAL_METRIC", "collect_evaluate_runs", "format_table", "plot_dice", "read_evaluate_csv", "run_configs", "validation_rows",
+__all__ = ["CSV_COLUMNS", "VAL_METRIC", "collect_evaluate_runs", "format_table", "read_evaluate_csv", "run_configs", "validation_rows",
            "write_results"]
 
 CSV_COLUMNS = (
@@ -148,44 +149,6 @@ def format_table(
         "",
     ]
     return "\n".join(lines)
-
-
-def plot_dice(
-    agg: Mapping[tuple[str, int], Mapping[str, Any]],
-    path: str | os.PathLike[str],
-    dataset: str,
-    methods: Sequence[str] | None = None,
-    labeled: Sequence[int] | None = None,
-) -> Path:
-    """PNG of test Dice against L (log2 axis) per method, error bars = std over seeds."""
-    plt = pyplot()
-    methods = method_order(agg, methods)
-    labeled = labeled_order(agg, labeled)
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
-    try:
-        for method in methods:
-            points = [(num, agg[(method, num)]["test_dice_mean"]) for num in labeled if (method, num) in agg]
-            points = [(num, s) for num, s in points if s["n"]]
-            if points:
-                ax.errorbar(
-                    [num for num, _ in points], [s["mean"] for _, s in points], yerr=[s["std"] for _, s in points],
-                    marker="o", capsize=4, label=method,
-                )  # fmt: skip
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(labeled, [str(num) for num in labeled])
-        ax.minorticks_off()
-        ax.margins(x=0.1)
-        ax.set_xlabel("labelled volumes L")
-        ax.set_ylabel("test Dice (mean ± std over seeds)")
-        ax.set_title(f"{dataset}: Dice against L")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize="small")
-        fig.tight_layout()
-        with atomic_write(path, "wb") as handle:
-            fig.savefig(handle, format="png", metadata={"Software": None})
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 def read_evaluate_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
