@@ -62,7 +62,7 @@ SUBPROCESS_TIMEOUT_S = 600
 
 def outside_repo_path(repo_root: Path) -> list[str]:
     """The module search path a user's Python has (its site-packages, after ``.pth`` files were processed, so a
-    venv's linked package folders are kept), less every folder in this repository or holding ``metacontrast``.
+    venv's linked package folders are kept), less the repository itself and every folder holding ``metacontrast``.
 
     An install of the package with ``pip install -e .`` reaches it through site-packages: a ``.pth`` file that
     puts the repository on the path, or one that installs an import hook (setuptools' editable finder).  A
@@ -75,7 +75,7 @@ def outside_repo_path(repo_root: Path) -> list[str]:
     kept = []
     for entry in json.loads(done.stdout):
         folder = Path(entry).resolve()
-        if not folder.is_dir() or folder == repo_root.resolve() or repo_root.resolve() in folder.parents:
+        if not folder.is_dir() or folder == repo_root.resolve():  # a venv inside the repository stays: it holds no package
             continue
         if (folder / "metacontrast").exists() or (folder / "metacontrast.py").exists():
             continue

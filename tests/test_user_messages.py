@@ -27,7 +27,7 @@ import torch
 from monai.bundle import run as run_bundle
 
 from metacontrast.engines import LossProgressBar, MultiLossTrainer, current_loss
-from metacontrast.excepthook import cause_chain, package_error
+from metacontrast.excepthook import cause_chain, install, package_error
 from metacontrast.export.source import load_weights
 from metacontrast.workflows import TrainingCheckpointGiven, load_checkpoint, read_model_settings, usable_cores
 from tests.helpers import in_repo
@@ -178,7 +178,12 @@ def _raise(error: BaseException, cause: BaseException | None = None) -> BaseExce
         return raised
 
 
-def test_the_hook_repeats_only_a_package_error_behind_another(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_hook_repeats_only_a_package_error_behind_another(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # the hook in front of Python's own (another test's library may have put its hook in front of ours, e.g.
+    # torch.distributed prefixing every line with the rank)
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    install()
     try:
         load_checkpoint(tmp_path / "absent.pt")  # raised in a package module: the package's
     except FileNotFoundError as err:
