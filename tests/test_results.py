@@ -293,3 +293,17 @@ def test_dice_plot_of_fifteen_rows_keys_methods_by_colour_and_recipes_by_style(f
         pyplot().close(fig)
     # a row with no recipe and the same row '@paper' are the paper's recipe alike
     assert recipe_styles(["gcl@improved", "gcl", "gcl@paper"]) == {"paper": "-", "improved": "--"}
+
+
+def test_a_variant_without_its_full_method_is_compared_with_random_init():
+    """A recipe row (a variant of GCL) whose full method did not run is a row of its own: its gain is over random
+    init of its network, not an empty cell against the absent full method; with the full method present it is an
+    ablation again."""
+    from metacontrast.reporting.papers import format_gains
+
+    rows = _rows({("random/batch_norm@improved", 1, 0): 0.20, ("gcl/recipe@improved", 1, 0): 0.26})
+    for row in rows:
+        row["norm"] = "batch"
+    assert "| gcl/recipe@improved | random/batch_norm@improved | +0.060 ± 0.000 (1) |" in format_gains(rows, "acdc").splitlines()
+    rows += [{**rows[-1], "method": "gcl@improved", "test_dice_mean": 0.25}]
+    assert "| gcl/recipe@improved | gcl@improved | +0.010 ± 0.000 (1) |" in format_gains(rows, "acdc").splitlines()

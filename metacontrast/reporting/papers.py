@@ -97,7 +97,7 @@ def format_validation(val_rows: Sequence[Mapping[str, Any]], rows: Sequence[Mapp
 
 def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Sequence[int] | None = None) -> str:
     """Markdown summary: random init's test Dice per recipe, then every other row's per-seed gain over random
-    init with the same recipe (ablations and add-ons: over their full method), one column per L."""
+    init with the same recipe (ablations and add-ons: over their full method when it ran), one column per L."""
     agg = aggregate(rows)
     labeled = labeled_order(agg, labeled)
     methods = sorted({m for m, _ in agg}, key=lambda m: (split_method_name(m).recipe, not is_random_row(m), full_method(m) != m, m))
@@ -108,7 +108,10 @@ def format_gains(rows: Sequence[Mapping[str, Any]], dataset: str, labeled: Seque
             cells = [cell(agg.get((method, num)), "test_dice_mean", 3) for num in labeled]
             lines.append(f"| {method} | (test Dice) | " + " | ".join(cells) + " |")
             continue
-        reference = full_method(method) if full_method(method) != method else random_reference(rows, method)
+        full = full_method(method)
+        # an ablation or add-on against its full method; a variant whose full method did not run (a recipe row
+        # such as gcl/warmup_clip_..._batch_norm) against random init, as every full method
+        reference = full if full != method and any(m == full for m, _ in agg) else random_reference(rows, method)
         cells = [format_gain(paired_gain(rows, method, reference, num)) for num in labeled]
         lines.append(f"| {method} | {reference} | " + " | ".join(cells) + " |")
     lines += ["", f"From `{dataset}/evaluate_runs.csv`; details in `{dataset}/paper_comparison.md` and `{dataset}/ablations.md`.", ""]
