@@ -6,7 +6,7 @@ Under ``<runs_dir>/<dataset>/``::
     <method>/L<L>_seed<seed>/           a fine-tune (``model.pt``, ``model_final.pt``) and its evaluation:
         evaluation/, evaluation_last/     the scores of ``model.pt`` and of ``model_final.pt``
     <method>/probe_seed<seed>/          the representation probes of an encoder
-    mlruns.db                           the results grid's MLflow store
+    mlruns.db                           the results grid's MLflow store (experiment ``metacontrast-<dataset>``)
 
 ``<method>`` is the row name as the run was given it (:mod:`metacontrast.method_name`); a pre-training runs
 under bundle and variant only (``gcl/naive_sum``), so the encoder of ``gcl/naive_sum+mean_teacher@improved``
@@ -65,6 +65,12 @@ class RunLayout:
     def probe_dir(self, method: str, seed: int | str) -> str:
         """``<runs_dir>/<dataset>/<method>/probe_seed<seed>``: the probes of ``method``'s encoder under ``seed``."""
         return str(self.root / method / f"probe_seed{seed}")
+
+    @property
+    def experiment_name(self) -> str:
+        """``metacontrast-<dataset>``: the MLflow experiment every workflow of the dataset logs to (the configs'
+        ``experiment_name`` default; the probes' frozen fine-tunes go to ``<experiment_name>-probe-finetunes``)."""
+        return f"metacontrast-{self.dataset}"
 
     def store_uri(self) -> str:
         """``sqlite:///<runs_dir>/<dataset>/mlruns.db`` (absolute): the store of the dataset's results grid."""

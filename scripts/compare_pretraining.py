@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from metacontrast.io import atomic_write_text  # noqa: E402
+from metacontrast.layout import RunLayout  # noqa: E402
 from metacontrast.reporting.compare import compare_pretraining  # noqa: E402
 from metacontrast.reporting.grid import method_names  # noqa: E402
 
@@ -24,7 +25,7 @@ def main(dataset: str, stores: Sequence[str], labels: Sequence[str], methods: st
     if len(stores) != len(labels):
         raise ValueError(f"{len(stores)} stores but {len(labels)} labels; give one label per store")
     text = compare_pretraining(dataset, list(zip(map(str, labels), map(str, stores))), method_names(methods),
-                               experiment_name=experiment_name or f"metacontrast-{dataset}")
+                               experiment_name=experiment_name or RunLayout("runs", dataset).experiment_name)
     if output:
         atomic_write_text(output, text)
     return text

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fire  # noqa: E402
 
 from metacontrast.io import atomic_write_text  # noqa: E402
+from metacontrast.layout import RunLayout  # noqa: E402
 from metacontrast.reporting.compare import compare_stores  # noqa: E402
 from metacontrast.reporting.grid import method_names  # noqa: E402
 
@@ -21,7 +22,7 @@ from metacontrast.reporting.grid import method_names  # noqa: E402
 def main(dataset: str, store_a: str, store_b: str, methods: str | Sequence[str], labels: Sequence[str] = ("A", "B"),
          output: str = "", experiment_name: str = "") -> str:
     text = compare_stores(dataset, store_a, store_b, method_names(methods), (str(labels[0]), str(labels[1])),
-                          experiment_name or f"metacontrast-{dataset}")
+                          experiment_name or RunLayout("runs", dataset).experiment_name)
     if output:
         atomic_write_text(output, text)
     return text

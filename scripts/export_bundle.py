@@ -34,4 +34,7 @@ import fire  # noqa: E402
 from metacontrast.export.bundle import export_bundle  # noqa: E402
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # export_bundle takes **overrides, so fire would pass --help on as one
+        print(__doc__)
+        sys.exit(0)
     fire.Fire(export_bundle)

@@ -23,8 +23,9 @@ from metacontrast.tracking import search_runs  # noqa: E402
 
 
 def main(dataset: str = "acdc", tracking_uri: str = "", output: str = "") -> str:
-    uri = tracking_uri or RunLayout("runs", dataset).store_uri()
-    runs = search_runs(uri, f"metacontrast-{dataset}", {"dataset": dataset}, status="FINISHED")
+    layout = RunLayout("runs", dataset)
+    uri = tracking_uri or layout.store_uri()
+    runs = search_runs(uri, layout.experiment_name, {"dataset": dataset}, status="FINISHED")
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for run in runs:
         if run.info.end_time and run.info.start_time:

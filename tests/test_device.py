@@ -13,6 +13,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from metacontrast.data.pack import SlicePackError, read_pack_info
 from metacontrast.data.slices import build_slice_cache
 from metacontrast.device.packer import pack_dataset
 from metacontrast.tracking import completed_runs
+from metacontrast.workflows.evaluate import evaluate_split
 
 SAMPLE_DIR = "sample_data/hippocampus"
 SIZE = ([1.0, 1.0], [64, 64])
@@ -55,7 +58,7 @@ def test_pack_refuses_what_it_cannot_serve(repo_root: Path, sample_pack: Path, t
     with pytest.raises(SlicePackError, match=r"sample_pack was made with .*spatial_size.*\[64, 64\]"):
         build_slice_cache(manifest["train"], pack, [1.0, 1.0], [96, 96], with_labels=True)
     with pytest.raises(SlicePackError, match="lacks the volumes"):
-        build_slice_cache(manifest["test"], pack, *SIZE, with_labels=True)
+        build_slice_cache([{**manifest["test"][0], "volume_id": "not_packed"}], pack, *SIZE, with_labels=True)
     with pytest.raises(SlicePackError, match="holds no label"):
         build_slice_cache(manifest["pretrain"], pack, *SIZE, with_labels=True)
     damaged = tmp_path / "damaged"
@@ -68,6 +71,32 @@ def test_pack_refuses_what_it_cannot_serve(repo_root: Path, sample_pack: Path, t
     assert read_pack_info(pack)["order"][0] in read_pack_info(pack)["volumes"]
 
 
+def test_evaluate_scores_a_pack_on_the_source_grid_as_it_scores_the_raw_scans(repo_root: Path, sample_pack: Path, tmp_path: Path) -> None:
+    """The packed test volume, mapped back through the trace of its carried source label, is scored as the raw scan
+    is: same grid, same metrics up to the pack's uint8 quantisation (a voxel at the decision boundary may flip)."""
+    manifest = _manifest(repo_root)
+    settings = {"pixel_size": SIZE[0], "spatial_size": SIZE[1]}
+    network = torch.nn.Conv2d(1, 3, 1)  # class 1 where the normalised intensity exceeds 0.5, else background
+    with torch.no_grad():
+        network.weight.copy_(torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1, 1))
+        network.bias.copy_(torch.tensor([0.5, 0.0, -1.0]))
+    raw_rows, _ = evaluate_split(network, manifest["test"], repo_root / SAMPLE_DIR, settings, manifest["labels"], tmp_path / "raw")
+    pack_rows, _ = evaluate_split(network, manifest["test"], sample_pack / "sample_pack", settings, manifest["labels"], tmp_path / "pack")
+    volume = manifest["test"][0]["volume_id"]
+    raw = np.asarray(nib.load(tmp_path / "raw" / "predictions" / f"{volume}.nii.gz").dataobj)
+    packed = np.asarray(nib.load(tmp_path / "pack" / "predictions" / f"{volume}.nii.gz").dataobj)
+    assert raw.shape == packed.shape == tuple(manifest["test"][0]["shape"])
+    assert raw.any() and (raw == packed).mean() > 0.999, (raw == packed).mean()
+    assert abs(raw_rows[0]["dice_mean"] - pack_rows[0]["dice_mean"]) < 0.01
+
+    unscored = tmp_path / "unscored_pack"
+    pack_dataset(repo_root / "data_manifests/sample.json", repo_root / SAMPLE_DIR, unscored, "sample", *SIZE, cache_dir=None,
+                 splits=("test",), scored_splits=())
+    with pytest.raises(SlicePackError, match=f"unscored_pack carries no source label for '{volume}'"):
+        evaluate_split(network, manifest["test"], unscored, settings, manifest["labels"], tmp_path / "refused")
+    assert not (tmp_path / "refused" / "metrics.csv").exists()
+
+
 @pytest.mark.slow
 def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, sample_pack: Path, tmp_path: Path) -> None:
     out, runs, home = tmp_path / "out", tmp_path / "device_runs", tmp_path / "home"
@@ -78,7 +107,7 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
     )
     report = json.loads((out / "device_report.json").read_text())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert [s["status"] for s in report["stages"]] == ["ok", "ok"]
+    assert [s["status"] for s in report["stages"]] == ["ok", "ok", "ok"]
     assert {"runs.tar.gz", "logs.tar.gz"} <= set(report["files"])
 
     imported = subprocess.run(
@@ -89,7 +118,9 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
     uri = f"sqlite:///{home / 'sample' / 'mlruns.db'}"
     pretrain = completed_runs(uri, "metacontrast-sample", {"workflow": "pretrain", "method": "gcl"})
     finetune = completed_runs(uri, "metacontrast-sample", {"workflow": "finetune", "method": "gcl", "num_labeled": 1, "seed": 0})
-    assert len(pretrain) == 1 and len(finetune) == 1
+    evaluate = completed_runs(uri, "metacontrast-sample", {"workflow": "evaluate", "method": "gcl", "num_labeled": 1, "seed": 0})
+    assert len(pretrain) == 1 and len(finetune) == 1 and len(evaluate) == 1
+    assert 0.0 <= evaluate[0].data.metrics["test_dice_mean"] <= 1.0  # scored from the pack, on the source grid
     assert (home / "sample" / "gcl" / "L1_seed0" / "finetune_run.json").is_file()
     assert (home / "sample" / "device_mlruns.db").is_file()
 
@@ -97,7 +128,7 @@ def test_dry_run_returns_runs_that_import_into_the_grid_store(repo_root: Path, s
         [sys.executable, "scripts/import_device_run.py", "--returned", str(out), "--runs_dir", str(home)],
         cwd=repo_root, capture_output=True, text=True, timeout=600,
     )
-    assert '"copied": 0' in again.stdout and '"skipped": 2' in again.stdout
+    assert '"copied": 0' in again.stdout and '"skipped": 3' in again.stdout
     assert len(completed_runs(uri, "metacontrast-sample", {"workflow": "pretrain", "method": "gcl"})) == 1
 
 

@@ -457,3 +457,11 @@ def test_writer_keeps_the_source_header(acdc_dir: Path, tmp_path: Path) -> None:
     assert ours.shape == original.shape and ours.get_data_dtype() == np.uint8
     np.testing.assert_array_equal(np.asarray(ours.dataobj), label[0].numpy())
     assert not np.allclose(monai_written.affine, original.affine)  # why the writer exists
+
+
+def test_export_script_help_prints_its_usage(repo_root: Path) -> None:
+    """``--help`` is not taken for an option of the exporter (it accepts any fine-tune key)."""
+    done = subprocess.run([sys.executable, str(repo_root / "scripts" / "export_bundle.py"), "--help"], cwd=repo_root,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--run_id" in done.stdout and "ExportError" not in done.stderr

@@ -226,3 +226,17 @@ def test_metric_families() -> None:
         "global_train_loss": ["global_train_loss"], "train_loss": ["train_loss", "train_loss/a"],
         "train_cos": ["train_cos/a-vs-b"], "train_img": ["train_img/a"],
     }  # fmt: skip
+
+
+def test_the_probes_frozen_finetunes_are_not_drawn_as_the_grids(tmp_path: Path) -> None:
+    """The probes log their frozen fine-tunes to ``metacontrast-<dataset>-probe-finetunes``: by default the pictures
+    read the grid's experiment only, so a store whose only fine-tune is a probe's has nothing to draw."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("metacontrast-sample-probe-finetunes")
+    run = client.create_run(experiment, tags={"workflow": "finetune", "dataset": "sample", "method": "gcl"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    with pytest.raises(LookupError, match="no FINISHED run of dataset 'sample'"):
+        draw_pictures(dataset="sample", tracking_uri=uri, out_dir=str(tmp_path / "figures"))
+    with pytest.raises(LookupError, match=r"it has runs of \['gcl'\]"):  # every experiment when asked
+        draw_pictures(dataset="sample", tracking_uri=uri, methods=["simclr"], experiment_name=None, out_dir=str(tmp_path / "figures"))

@@ -15,8 +15,12 @@ SliceCache`).  A slice pack is a folder that stands in for ``dataset_dir``:
 
 :func:`~metacontrast.data.slices.build_slice_cache` given a pack as ``dataset_dir`` reads the requested
 volumes from it (meta labels are recomputed from the datalist as for raw scans) instead of preprocessing,
-and refuses a preprocessing other than the pack's by name.  What a pack cannot serve is scoring on the
-source grid (``evaluate``), which needs the raw label and image headers.
+and refuses a preprocessing other than the pack's by name.
+
+Scoring on the source grid (``evaluate``) needs the source label and the geometry the preprocessing undoes.  A
+pack made for it carries, per scored volume, the source label file itself (``source_labels/<volume_id>.nii.gz``,
+listed under ``source_labels`` in ``slice_pack.json``; a label map compresses to a few kB): its header gives the
+grid the prediction is mapped back to (the packer checks that the image shares it), its voxels the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +37,13 @@ import torch
 
 from metacontrast.io import atomic_write, atomic_write_text
 
-__all__ = ["PACK_FILE", "PACK_FORMAT", "SlicePackError", "is_slice_pack", "packed_volumes", "read_pack_info", "write_slice_pack"]
+__all__ = ["PACK_FILE", "PACK_FORMAT", "SlicePackError", "is_slice_pack", "packed_volumes", "read_pack_info", "source_label",
+           "write_slice_pack"]
 
 PACK_FILE = "slice_pack.json"
 ARRAYS_FILE = "volumes.xz"
 PACK_FORMAT = 1
+SOURCE_LABELS = "source_labels"
 _LEVELS = 255
 
 
@@ -81,6 +87,7 @@ def write_slice_pack(
     dataset: str,
     pixel_size: Sequence[float],
     spatial_size: Sequence[int],
+    source_labels: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Write a pack from preprocessed volumes.
 
@@ -90,6 +97,8 @@ def write_slice_pack(
             A volume listed twice (in two splits) is written once.
         out_dir: the pack folder (created; an existing pack there is replaced atomically file by file).
         dataset, pixel_size, spatial_size: recorded, and checked against every later request.
+        source_labels: ``volume_id -> NIfTI label file`` of the volumes ``evaluate`` may score from the pack,
+            copied byte for byte to ``source_labels/<volume_id>.nii[.gz]``.
 
     Returns:
         ``out_dir``.
@@ -105,6 +114,12 @@ def write_slice_pack(
             if labels is not None:
                 stream.write(labels[:, 0].contiguous().numpy().tobytes())
             volumes[vid] = {"num_slices": int(images.shape[0]), "has_label": labels is not None}
+    copied = {}
+    for vid, path in (source_labels or {}).items():
+        name = f"{SOURCE_LABELS}/{vid}{'.nii.gz' if str(path).endswith('.gz') else '.nii'}"
+        with atomic_write(out / name, "wb") as handle:
+            handle.write(Path(path).read_bytes())
+        copied[str(vid)] = name
     info = {
         "format": PACK_FORMAT,
         "dataset": dataset,
@@ -113,6 +128,7 @@ def write_slice_pack(
         "quantisation": f"uint8 round({_LEVELS} x) of intensities in [0, 1]",
         "volumes": volumes,
         "order": list(volumes),  # the stream's order (the JSON's keys are sorted)
+        **({SOURCE_LABELS: copied} if copied else {}),
     }
     atomic_write_text(out / PACK_FILE, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out
@@ -152,6 +168,17 @@ def packed_volumes(
         if with_labels:
             item["label"] = torch.from_numpy(arrays[vid][1]).float().permute(1, 2, 0).unsqueeze(0)
         yield item
+
+
+def source_label(pack_dir: str | os.PathLike[str], volume_id: str) -> Path:
+    """The source label file the pack carries for ``volume_id`` (:func:`write_slice_pack`'s ``source_labels``);
+    :class:`SlicePackError` names the pack when it carries none."""
+    pack = Path(pack_dir)
+    name = read_pack_info(pack).get(SOURCE_LABELS, {}).get(str(volume_id))
+    if name is None or not (pack / name).is_file():
+        raise SlicePackError(f"slice pack {pack} carries no source label for {volume_id!r}: it cannot score that volume "
+                             "on its source grid; pack it with the split among the scored ones (pack_device.py --scored_splits)")
+    return pack / name
 
 
 def _read_arrays(pack: Path, info: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:

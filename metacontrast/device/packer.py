@@ -27,6 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+
 from metacontrast.data.pack import write_slice_pack
 from metacontrast.data.slices import build_slice_cache
 from metacontrast.io import atomic_write_text
@@ -54,14 +57,20 @@ def pack_dataset(
     dataset: str,
     pixel_size: Sequence[float],
     spatial_size: Sequence[int],
-    splits: Sequence[str] = ("pretrain", "train", "val"),
+    splits: Sequence[str] = ("pretrain", "train", "val", "test"),
     cache_dir: str | Path | None = ".cache/slices",
+    scored_splits: Sequence[str] = ("test",),
 ) -> Path:
     """Preprocess ``splits`` of the manifest (through the shared slice cache) and write them as one slice pack.
 
     Labelled splits are read first, so a volume in both a labelled split and ``pretrain`` is packed with its label.
+    The volumes of ``scored_splits`` (packed among ``splits``) also carry their source label file, so that
+    ``evaluate`` can score them on their source grid from the pack (:mod:`metacontrast.data.pack`).
     """
     manifest = json.loads(Path(manifest_path).read_text())
+    absent = [s for s in scored_splits if s not in splits]
+    if absent:
+        raise ValueError(f"scored splits {absent} are not among the packed splits {list(splits)}")
     ordered = sorted(splits, key=lambda s: s == "pretrain")
     volumes = []
     for split in ordered:
@@ -74,7 +83,21 @@ def pack_dataset(
             idx = (cache.meta["volume_index"] == v).nonzero().flatten()
             idx = idx[cache.meta["slice_index"][idx].argsort()]
             volumes.append((entry, cache.images[idx], cache.labels[idx] if labelled else None))
-    return write_slice_pack(volumes, out_dir, dataset, pixel_size, spatial_size)
+    labels = {str(e["volume_id"]): source_label_file(e, dataset_dir) for split in scored_splits for e in manifest[split]}
+    return write_slice_pack(volumes, out_dir, dataset, pixel_size, spatial_size, source_labels=labels)
+
+
+def source_label_file(entry: dict[str, Any], dataset_dir: str | Path) -> Path:
+    """The NIfTI label of a manifest entry, checked to share its image's grid (shape and affine): the grid a
+    prediction scored from the pack is mapped back to is read off the label's header."""
+    image, label = Path(dataset_dir) / entry["image"], Path(dataset_dir) / entry["label"]
+    if not label.name.endswith((".nii", ".nii.gz")) or not image.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{label}: only NIfTI images and labels can be scored from a slice pack")
+    image_header, label_header = nib.load(image), nib.load(label)
+    if image_header.shape[:3] != label_header.shape[:3] or not np.allclose(image_header.affine, label_header.affine, atol=1e-4):
+        raise ValueError(f"{label}: its grid (shape {label_header.shape}, affine {label_header.affine.tolist()}) differs from "
+                         f"its image {image} (shape {image_header.shape}, affine {image_header.affine.tolist()})")
+    return label
 
 
 def _wanted(wheel: Path) -> bool:

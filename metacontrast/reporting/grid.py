@@ -136,7 +136,7 @@ class ResultsGrid:
         self.layout = RunLayout(self.runs_dir, dataset)
         self.results_dir = Path(results_dir) / dataset
         self.tracking_uri = tracking_uri or self.layout.store_uri()
-        self.experiment_name = f"metacontrast-{dataset}"
+        self.experiment_name = self.layout.experiment_name
         self.presets = [str(COMMON / "presets" / f"{preset}.json")] if preset else []
         self.common = {"dataset": dataset, "dataset_dir": self.dataset_dir, "tracking_uri": self.tracking_uri,
                        "experiment_name": self.experiment_name, "runs_dir": str(self.runs_dir), **(overrides or {})}

@@ -42,6 +42,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from .. import REPO_ROOT
 from ..data.dicom import load_volume
@@ -199,7 +200,7 @@ def draw_pictures(
     runs_dir: str = "runs",
     out_dir: str = "",
     methods: Sequence[str] | None = None,
-    experiment_name: str | None = None,
+    experiment_name: str | None = "",
     tsne_split: str = "pretrain",
     tsne_volumes: int = 8,
     overlay_slices: int = 4,
@@ -207,6 +208,7 @@ def draw_pictures(
     overlay_seed: int = 0,
     seed: int = 0,
     joint_optimum: str = "",
+    num_threads: int = 0,
 ) -> Pictures:
     """Draw every picture of a grid's runs into ``out_dir``.
 
@@ -217,7 +219,9 @@ def draw_pictures(
         runs_dir: the grid's runs folder (default store; second place to look for predictions).
         out_dir: where the PNG files go; empty: ``results/<dataset>/figures``.
         methods: which methods (e.g. ``["random", "gcl"]``); ``None``: every method of the dataset's runs.
-        experiment_name: restrict to one experiment (``None``: all).
+        experiment_name: the experiment whose runs are drawn; empty: ``metacontrast-<dataset>``, the one every
+            workflow logs to (the probes' frozen fine-tunes, in ``...-probe-finetunes``, are not the grid's);
+            ``None``: every experiment of the store.
         tsne_split: the manifest split whose volumes the t-SNE embeds (every slice of each).
         tsne_volumes: how many volumes of ``tsne_split`` (the first ones).
         overlay_slices: rows of the overlay figures (test slices with ground truth, spread over volumes).
@@ -226,6 +230,7 @@ def draw_pictures(
         seed: the t-SNE's random state.
         joint_optimum: ``scripts/joint_optimum.py``'s JSON, drawn in the pre-training curves; empty:
             ``results/<dataset>/joint_optimum.json`` when it exists.
+        num_threads: torch's CPU threads for the t-SNE embeddings (``0``: torch's default).
 
     Returns:
         :class:`Pictures`: the files drawn and one message per figure that could not be drawn.
@@ -235,7 +240,9 @@ def draw_pictures(
     """
     runs_path = Path(runs_dir)
     uri = tracking_uri or RunLayout(runs_path, dataset).store_uri()
-    store = RunStore(uri, dataset, experiment_name)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    store = RunStore(uri, dataset, RunLayout(runs_path, dataset).experiment_name if experiment_name == "" else experiment_name)
     found = store.methods()
     if not found:
         raise LookupError(f"no FINISHED run of dataset {dataset!r} in {uri}")

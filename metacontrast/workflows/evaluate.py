@@ -5,7 +5,8 @@ records (:func:`settings_for_evaluation`), whatever the manifest is named -- (Me
 slice by slice with ``monai.inferers.SliceInferer``, map the label map back to the source grid with
 ``monai.transforms.Invertd`` (nearest), score it against the untouched source label with
 :func:`~metacontrast.workflows.metrics.volume_metrics` (spacing in mm), and write the prediction as
-NIfTI with the source volume's affine.  Outputs: ``metrics.csv`` (one row per volume), ``summary.json``
+NIfTI with the source volume's affine.  ``dataset_dir`` may be a slice pack that carries the split's source labels
+(:mod:`metacontrast.data.pack`): the packed images are scored the same way.  Outputs: ``metrics.csv`` (one row per volume), ``summary.json``
 (mean and std per class and over classes, counts of missed classes) and ``predictions/<volume_id>.nii.gz``.
 Outputs name volumes only by their ``volume_id`` (a salted pseudonym for DICOM data), never by the
 source path (DICOM folder names can hold the PatientID), and a prediction of a DICOM series carries
@@ -15,7 +16,7 @@ only its geometry, no DICOM attribute.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.dicom import load_volume
+from ..data.pack import SlicePackError, is_slice_pack, packed_volumes, source_label
 from ..data.transforms import volume_preprocessing
 from ..io import atomic_write
 from ..layout import RunLayout
@@ -86,6 +88,28 @@ def _gzip(image: nib.Nifti1Image) -> bytes:
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
 
 
+def _preprocessed(entries: Sequence[Mapping[str, Any]], dataset_dir: str | Path, settings: Mapping[str, Any],
+                  preprocessing: Any) -> Iterator[tuple[Mapping[str, Any], MetaTensor, Path]]:
+    """``(entry, preprocessed image (1, H, W, D) with its transform trace, source label file)`` per entry.
+
+    From raw scans the image is preprocessed here.  From a slice pack (:mod:`metacontrast.data.pack`) the packed
+    image is used, and the trace that maps a prediction back is made by preprocessing the source label the pack
+    carries, which shares the image's grid: the spatial steps depend on the grid only, not on the intensities.
+    """
+    if not is_slice_pack(dataset_dir):
+        for entry in entries:
+            yield entry, preprocessing(_absolute({"image": entry["image"]}, dataset_dir))["image"], Path(dataset_dir) / entry["label"]
+        return
+    packed = packed_volumes(dataset_dir, entries, settings["pixel_size"], settings["spatial_size"], with_labels=False)
+    for entry, item in zip(entries, packed):
+        label_path = source_label(dataset_dir, entry["volume_id"])
+        grid = preprocessing({"image": str(label_path)})["image"]
+        if tuple(grid.shape) != tuple(item["image"].shape):
+            raise SlicePackError(f"{label_path}: preprocessed to {tuple(grid.shape)}, the packed image of {entry['volume_id']} "
+                                 f"is {tuple(item['image'].shape)}; repack")
+        yield entry, MetaTensor(item["image"], meta=grid.meta, applied_operations=grid.applied_operations), label_path
+
+
 def evaluate_split(
     network: nn.Module,
     entries: Sequence[Mapping[str, Any]],
@@ -102,14 +126,13 @@ def evaluate_split(
     preprocessing = volume_preprocessing(settings["pixel_size"], settings["spatial_size"])
     class_names = {int(k): v for k, v in labels.items()}
     rows = []
-    for entry in tqdm(entries, desc="evaluating volumes"):
-        data = preprocessing(_absolute({"image": entry["image"]}, dataset_dir))
-        pred = to_source_grid(predict_volume(network, data["image"], settings["spatial_size"], device), data["image"], preprocessing)
-        source_label = load_volume(Path(dataset_dir) / entry["label"])
+    for entry, image, label_path in tqdm(_preprocessed(entries, dataset_dir, settings, preprocessing), total=len(entries), desc="evaluating volumes"):
+        pred = to_source_grid(predict_volume(network, image, settings["spatial_size"], device), image, preprocessing)
+        source_label = load_volume(label_path)
         if tuple(pred.shape) != tuple(source_label.shape):
             # named by volume_id, not by path: DICOM folder names can hold the PatientID
             raise RuntimeError(f"restored prediction {tuple(pred.shape)} does not match the label of {entry['volume_id']} {tuple(source_label.shape)}")
-        save_prediction(pred, Path(dataset_dir) / entry["label"], source_label, output_dir / "predictions" / f"{entry['volume_id']}.nii.gz")
+        save_prediction(pred, label_path, source_label, output_dir / "predictions" / f"{entry['volume_id']}.nii.gz")
         rows.append(volume_metrics(pred, torch.as_tensor(source_label).round().long(), entry["spacing"], class_names, entry["volume_id"]))
     summary = summarise(rows)
     write_metrics_csv(rows, output_dir / "metrics.csv")
