@@ -6,8 +6,10 @@ package cannot rot between device sessions (``docs/device.md``).
 
 from __future__ import annotations
 
+import ast
 import json
 import lzma
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -153,3 +155,48 @@ def test_stages_of_a_group_run_together_and_a_failure_does_not_stop_the_plan(rep
     with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:  # 2 MiB of weights do not fit in 1 MiB: packed without them
         assert tar.getnames() == ["runs", "runs/x", "runs/x/m.json"]
     assert report["notes"] == ["runs: over the return bound, packed again without weights (*.pt)"]
+
+
+def _bundle_runs(stage: dict) -> list[list[str]]:
+    """The ``monai.bundle run`` command lines of a plan stage (direct, or chained in a ``bash -c`` string)."""
+    argvs = [shlex.split(stage["argv"][2])] if stage["argv"][:2] == ["bash", "-c"] else [list(stage["argv"])]
+    runs, current = [], []
+    for argv in argvs:
+        for token in [*argv, "&&"]:
+            if token == "&&":
+                if current[1:4] == ["-m", "monai.bundle", "run"]:
+                    runs.append(current)
+                current = []
+            else:
+                current.append(token)
+    return runs
+
+
+@pytest.mark.parametrize("plan", sorted(Path(__file__).resolve().parents[1].glob("scripts/device_plans/*.json")), ids=lambda p: p.name)
+def test_device_plans_name_real_keys_and_the_rows_overrides(repo_root: Path, plan: Path) -> None:
+    """Every ``monai.bundle run`` of a device plan overrides only keys its configs define (MONAI would silently add an
+    unknown one), and a stage that names a grid row (``--method``) passes that row's variant and recipe overrides as
+    the grid would, so a plan cannot drift from ``ablations.json``, ``recipes.json`` or the configs."""
+    from monai.bundle import ConfigParser
+
+    from metacontrast.reporting.grid import parse_method
+
+    checked = 0
+    for stage in json.loads(plan.read_text())["stages"]:
+        for argv in _bundle_runs(stage):
+            options = dict(zip(argv[4::2], argv[5::2]))
+            files = options.pop("--config_file")
+            files = ast.literal_eval(files) if files.startswith("[") else [files]
+            parser = ConfigParser()
+            parser.read_config([str(repo_root / f) for f in files])
+            unknown = [k for k in options if k[2:] not in parser.config]
+            assert not unknown, f"{plan.name} {stage['name']}: {files} define no {unknown}"
+            if "--method" in options and "probe.json" not in files[0]:
+                spec = parse_method(options["--method"])
+                wanted = spec.pretrain_overrides if files[0].endswith("pretrain.json") else spec.finetune_overrides
+                wanted = {k: v for k, v in wanted.items() if k in parser.config}  # evaluate takes the fine-tune's norm, not its recipe
+                given = {k[2:]: v for k, v in options.items()}
+                assert all(str(given.get(k)).lower() == (json.dumps(v) if not isinstance(v, str) else v).lower() for k, v in wanted.items()), \
+                    f"{plan.name} {stage['name']}: {options['--method']} needs {wanted}, the stage gives {given}"
+            checked += 1
+    assert checked > 0
