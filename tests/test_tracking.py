@@ -303,3 +303,13 @@ def test_server_dying_mid_run_moves_the_run_local(mlflow_server: MlflowServer, o
     assert logged.data.tags["seed"] == "0" and logged.data.params["network.strides"] == "[2, 2]"
     history = MlflowClient(local_tracking_uri(out_dir)).get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (3, 0.25)]
+
+
+def test_run_names_come_from_the_tags() -> None:
+    """The configs name no run: each is named from its tags, as the grid's stores have always named them."""
+    from metacontrast.tracking import workflow_run_name
+
+    assert workflow_run_name({"workflow": "pretrain", "method": "gcl", "dataset": "acdc", "seed": 0}) == "gcl-pretrain"
+    assert workflow_run_name({"workflow": "finetune", "method": "gcl@improved", "num_labeled": 1, "seed": 3}) == "gcl@improved-finetune-L1-seed3"
+    assert workflow_run_name({"workflow": "evaluate", "method": "random", "num_labeled": 8, "seed": 0}) == "random-evaluate-L8-seed0"
+    assert workflow_run_name({"workflow": "probe", "method": "random/batch_norm", "seed": 2}) == "random/batch_norm-probe-seed2"

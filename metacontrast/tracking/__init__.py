@@ -16,7 +16,7 @@ A workflow that owns an output folder starts its run with
 
 from .handler import MLflowEpochHandler, scalar_losses
 from .params import MAX_PARAM_VALUE, config_hash, flatten_config
-from .run import TrackingRun, active_run, start_run
+from .run import TrackingRun, active_run, start_run, workflow_run_name
 from .search import (
     RunStore,
     completed_runs,
@@ -64,5 +64,6 @@ __all__ = [
     "search_runs",
     "server_reachable",
     "start_run",
+    "workflow_run_name",
     "store_lock",
 ]

@@ -37,7 +37,7 @@ from .store import (
     warn_fallback,
 )
 
-__all__ = ["CONFIG_ARTIFACT", "TrackingRun", "active_run", "start_run"]
+__all__ = ["CONFIG_ARTIFACT", "TrackingRun", "active_run", "start_run", "workflow_run_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +264,21 @@ class TrackingRun:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
 
+def workflow_run_name(tags: Mapping[str, Any]) -> str:
+    """A run's display name from its tags: ``<method>-<workflow>[-L<num_labeled>][-seed<seed>]`` (``gcl-pretrain``,
+    ``gcl@improved-finetune-L1-seed0``, ``random-probe-seed2``); a pre-training, one per method, names no seed."""
+    name = f"{tags['method']}-{tags['workflow']}"
+    if "num_labeled" in tags:
+        name += f"-L{tags['num_labeled']}"
+    if "seed" in tags and tags["workflow"] != "pretrain":
+        name += f"-seed{tags['seed']}"
+    return name
+
+
 def start_run(
     tracking_uri: str,
     experiment_name: str,
-    run_name: str,
+    run_name: str | None,
     tags: Mapping[str, Any],
     output_dir: str | os.PathLike[str],
     resume_run_id: str | None = None,
@@ -279,13 +290,14 @@ def start_run(
         tracking_uri: MLflow tracking URI; empty means SQLite at ``<output_dir>/mlruns.db``.
             An unreachable ``http(s)`` server falls back to that local store (one warning).
         experiment_name: created when missing (artifacts beside the database for SQLite stores).
-        run_name: the run's display name.
+        run_name: the run's display name; ``None``: :func:`workflow_run_name` of ``tags``.
         tags: e.g. ``workflow``, ``method``, ``dataset``, ``num_labeled``, ``seed`` (stored as text).
         output_dir: the workflow's output folder (default and fallback store live here).
         resume_run_id: continue this run (set back to RUNNING) instead of starting a new one;
             if it is not in the store, a new run is started with a warning.
         config: when given, logged with :meth:`TrackingRun.log_config`.
     """
+    run_name = run_name if run_name is not None else workflow_run_name(tags)
     requested = tracking_uri or ""
     uri = requested or local_tracking_uri(output_dir)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -279,11 +279,11 @@ def prepare_output_dir(output_dir: str | Path, workflow: str, config: Any, overw
 def start_workflow_run(
     tracking_uri: str,
     experiment_name: str,
-    run_name: str,
     tags: Mapping[str, Any],
     output_dir: str | os.PathLike[str],
     config: Mapping[str, Any],
     overwrite: bool | str = False,
+    run_name: str | None = None,
 ) -> TrackingRun:
     """:func:`start_run` for a workflow that owns ``output_dir``: checked, resumable, recorded.
 
@@ -292,6 +292,7 @@ def start_workflow_run(
     run of this config continues that MLflow run (its id is stored in ``<output_dir>/<workflow>_run.json``),
     so a crashed run that is started again stays one MLflow run; the id of the run opened here is then
     written back to that file before any training happens.  ``tags["workflow"]`` names the workflow.
+    The run is named by :func:`~metacontrast.tracking.workflow_run_name` unless ``run_name`` is given.
     In a ``torchrun`` job rank 0 owns the folder and the run; other ranks get a
     :class:`~metacontrast.ranks.FollowerRun` that logs nothing.
     """
