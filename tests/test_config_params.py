@@ -118,3 +118,18 @@ def test_no_val_split_means_no_validation_handler() -> None:
     assert validation_handlers(object(), 10, None) == []
     with pytest.raises(TypeError, match="Evaluator"):  # with a val split: MONAI's ValidationHandler, which checks its validator
         validation_handlers(object(), 10, val_loader=[])
+
+
+#: the run keys each pre-training file writes out, because a single ``--config_file`` must define every id the
+#: workflow reads (MONAI 1.6 has no include): one fact in six files, so they are held equal here
+SHARED_RUN_KEYS = ("imports", "workflow", "dataset", "dataset_dir", "datalist", "runs_dir", "output_dir", "cache_dir", "max_volumes",
+                   "seed", "device", "amp", "amp_dtype", "num_threads", "tracking_uri", "experiment_name", "preprocessing_overrides",
+                   "pretrain_split", "diagnostics_interval", "collapse_cosine", "skip_nonfinite", "norm", "grad_clip_norm", "features",
+                   "hyper_parameters", "data", "tracking", "handlers", "trainer", "initialize", "finalize")  # fmt: skip
+
+
+def test_the_run_keys_are_written_alike_in_every_pretraining_file(repo_root: Path) -> None:
+    configs = {name: ConfigParser.load_config_file(repo_root / path) for name, path in CONFIGS.items() if name != "finetune"}
+    for key in SHARED_RUN_KEYS:
+        values = {name: config.get(key) for name, config in configs.items()}
+        assert len({repr(v) for v in values.values()}) == 1, f"{key!r} differs between the pre-training configs: {values}"
