@@ -465,3 +465,16 @@ def test_export_script_help_prints_its_usage(repo_root: Path) -> None:
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--run_id" in done.stdout and "ExportError" not in done.stderr
+
+
+def test_the_inference_template_normalises_intensities_as_training_does(repo_root: Path) -> None:
+    """The exported inference pipeline writes the intensity step out by hand: it must be the step the training
+    pipeline records in every model (``model_settings.pipeline_intensity``), or exported models would see other inputs."""
+    from metacontrast.workflows.model_settings import pipeline_intensity
+
+    template = json.loads((repo_root / "metacontrast/export/templates/inference.json").read_text())
+    steps = [t for t in template["preprocessing"]["transforms"] if t["_target_"].startswith("ScaleIntensity")]
+    assert len(steps) == 1
+    step, recorded = steps[0], pipeline_intensity([1.0, 1.0], [64, 64])
+    assert step["_target_"].removesuffix("d") == recorded["transform"]
+    assert {k: step.get(k, recorded[k]) for k in recorded if k != "transform"} == {k: v for k, v in recorded.items() if k != "transform"}
