@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import lzma
 import time
 from pathlib import Path
 
@@ -95,6 +96,13 @@ def test_write_results_from_runs(store: Path, tmp_path: Path) -> None:
     again = write_results("", "acdc", tmp_path / "again", output_dir=store)
     assert again["table"].read_text() == table and again["csv"].read_bytes() == paths["csv"].read_bytes()
     assert again["plot"].read_bytes() == png  # no time stamps: same runs, same bytes
+
+    # the store travels with the tables: restored from the folder alone, it gives the same table
+    restored = tmp_path / "restored" / "mlruns.db"
+    restored.parent.mkdir()
+    restored.write_bytes(lzma.decompress(paths["store"].read_bytes()))
+    from_copy = write_results(f"sqlite:///{restored}", "acdc", tmp_path / "from_copy")
+    assert from_copy["table"].read_text() == table
 
 
 def test_methods_select_and_order_rows(store: Path, tmp_path: Path) -> None:

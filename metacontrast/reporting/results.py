@@ -36,11 +36,14 @@ from typing import Any
 
 from ..io import atomic_write
 from ..tracking import RunStore, metric_value, runs_as_records, search_runs
-from ..tracking.store import reading_uri
+from ..tracking.store import STORE_FILE, reading_uri, snapshot_store
 from .dice_plot import plot_dice
 from .papers import format_ablations, format_paper_comparison, format_validation
 from .probe_results import write_probe_table
 from .tables import MISSING, PARTIAL, TABLE_METRICS, aggregate, cell, labeled_order, markdown_head, method_order
+
+#: the copy of the grid's store a results folder keeps beside its tables
+STORE_SNAPSHOT = f"{STORE_FILE}.xz"
 
 __all__ = ["CSV_COLUMNS", "VAL_METRIC", "collect_evaluate_runs", "format_table", "read_evaluate_csv", "run_configs", "validation_rows",
            "write_results"]
@@ -199,8 +202,10 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``evaluate_runs.csv``, ``table.md``, ``dice_vs_L.png``, ``paper_comparison.md``, ``ablations.md``,
     ``validation.md`` (the decision table: best validation Dice and its per-seed gain over random init) and
-    ``runs.json`` for ``dataset`` into ``out_dir``, and ``probes.md`` when the store holds probe runs
-    (:func:`metacontrast.reporting.probe_results.write_probe_table`).
+    ``runs.json`` for ``dataset`` into ``out_dir``, ``probes.md`` when the store holds probe runs
+    (:func:`metacontrast.reporting.probe_results.write_probe_table`), and ``mlruns.db.xz``, the store itself
+    when it is a SQLite file (:func:`~metacontrast.tracking.store.snapshot_store`: every table here can be
+    re-derived from it, and a grid continued in it, once the machine that ran it is gone).
 
     Args:
         tracking_uri: the MLflow store the grid logged to (empty: ``<output_dir>/mlruns.db``).
@@ -214,7 +219,7 @@ def write_results(
         output_dir: the local store's folder, for an empty ``tracking_uri`` or a server outage.
 
     Returns:
-        ``{"csv", "table", "plot", "comparison", "ablations", "validation", "runs"}`` (and ``"probes"``): the paths written.
+        ``{"csv", "table", "plot", "comparison", "ablations", "validation", "runs"}`` (and ``"probes"``, ``"store"``): the paths written.
 
     Raises:
         LookupError: no finished evaluate run of ``dataset`` (and ``methods``) in the store.
@@ -244,6 +249,9 @@ def write_results(
     probes = write_probe_table(tracking_uri, dataset, out, experiment_name=experiment_name, output_dir=output_dir)
     if probes is not None:
         paths["probes"] = probes
+    store_copy = snapshot_store(reading_uri(tracking_uri, output_dir), out / STORE_SNAPSHOT)
+    if store_copy is not None:
+        paths["store"] = store_copy
     return paths
 
 

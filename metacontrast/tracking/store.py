@@ -12,13 +12,19 @@
   therefore opens a SQLite store, and :func:`get_experiment_id` creates an experiment, while holding an exclusive
   ``fcntl.flock`` on ``<database>.lock`` beside the database (:func:`store_lock`): processes that start
   together open the store one after the other, then work on it concurrently as SQLite allows.
+* **Snapshots.**  :func:`snapshot_store` writes an xz-compressed copy of a SQLite store (taken with SQLite's
+  backup API, so consistent while runs write to it): the results folder keeps its store beside its tables, so
+  they can be re-derived, and extended, after the machine that ran the grid is gone.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import lzma
 import os
+import sqlite3
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +33,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ..io import atomic_write
 
 __all__ = [
     "ARTIFACT_DIR",
@@ -40,6 +48,7 @@ __all__ = [
     "reading_uri",
     "redact",
     "server_reachable",
+    "snapshot_store",
     "sqlite_path",
     "store_lock",
     "warn_fallback",
@@ -218,3 +227,26 @@ def reading_uri(tracking_uri: str, output_dir: str | os.PathLike[str] | None) ->
         warn_fallback(tracking_uri, local, "no answer to GET /health")
         return local
     return tracking_uri
+
+
+def snapshot_store(tracking_uri: str, out_file: str | os.PathLike[str]) -> Path | None:
+    """Write ``out_file`` (``.xz``): a consistent copy of the SQLite store at ``tracking_uri``, compressed.
+
+    Runs only (params, metrics with their histories, tags); the artifacts, which hold weights, stay where they are.
+    Restore with ``xz -dk <out_file>`` and open the result as ``sqlite:///<path>``.  Returns ``None`` (writing
+    nothing) for a store that is not a SQLite file.
+    """
+    database = sqlite_path(tracking_uri)
+    if database is None or not database.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / STORE_FILE
+        source, target = sqlite3.connect(f"file:{database}?mode=ro", uri=True), sqlite3.connect(copy)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+        with atomic_write(out_file, "wb") as handle, lzma.open(handle, "wb", preset=6) as packed:
+            packed.write(copy.read_bytes())
+    return Path(out_file)
