@@ -138,7 +138,7 @@ def test_grid_writes_csv_table_and_plot(grid: dict[str, Any]) -> None:
     out = Path(grid["root"]) / "results" / "sample"
     assert paths == {"csv": out / "evaluate_runs.csv", "table": out / "table.md", "plot": out / "dice_vs_L.png",
                      "comparison": out / "paper_comparison.md", "ablations": out / "ablations.md",
-                     "validation": out / "validation.md", "runs": out / "runs.json"}
+                     "validation": out / "validation.md", "runs": out / "runs.json", "store": out / "mlruns.db.xz"}
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths.values())
     # the decision table: every fine-tuned row with its best validation Dice, gcl against random init
     validation = paths["validation"].read_text()
