@@ -239,10 +239,11 @@ def draw_pictures(
         LookupError: the store holds no FINISHED run of ``dataset`` (or of any of ``methods``).
     """
     runs_path = Path(runs_dir)
-    uri = tracking_uri or RunLayout(runs_path, dataset).store_uri()
+    layout = RunLayout(runs_path, dataset)
+    uri = tracking_uri or layout.store_uri()
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    store = RunStore(uri, dataset, RunLayout(runs_path, dataset).experiment_name if experiment_name == "" else experiment_name)
+    store = RunStore(uri, dataset, layout.experiment_name if experiment_name == "" else experiment_name)
     found = store.methods()
     if not found:
         raise LookupError(f"no FINISHED run of dataset {dataset!r} in {uri}")

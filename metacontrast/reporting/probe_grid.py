@@ -57,8 +57,8 @@ def run_probes(dataset: str = "acdc", dataset_dir: str = "", methods: Sequence[s
     """
     if not dataset_dir:
         raise ValueError("dataset_dir is required: the folder the manifest's paths are relative to")
-    uri = tracking_uri or RunLayout(runs_dir, dataset).store_uri()
-    experiment = RunLayout(runs_dir, dataset).experiment_name
+    layout = RunLayout(runs_dir, dataset)
+    uri, experiment = tracking_uri or layout.store_uri(), layout.experiment_name
     configs = [str(COMMON / "probe.json")] + ([str(COMMON / "presets" / f"{preset}.json")] if preset else [])
     # a run of another frozen-draw protocol is not this probe: it is run again (and tables apart)
     draws = int((overrides or {}).get("frozen_draws", ConfigParser.load_config_file(COMMON / "probe.json")["frozen_draws"]))

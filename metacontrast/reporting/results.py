@@ -240,7 +240,8 @@ def write_results(
         handle.write(format_paper_comparison(rows, dataset))
     with atomic_write(paths["ablations"]) as handle:
         handle.write(format_ablations(rows, dataset))
-    store = RunStore(reading_uri(tracking_uri, output_dir), dataset, experiment_name)
+    uri = reading_uri(tracking_uri, output_dir)
+    store = RunStore(uri, dataset, experiment_name)
     with atomic_write(paths["validation"]) as handle:
         handle.write(format_validation(validation_rows(store, sorted({r["method"] for r in rows})), rows, dataset))
     with atomic_write(paths["runs"]) as handle:
@@ -249,7 +250,7 @@ def write_results(
     probes = write_probe_table(tracking_uri, dataset, out, experiment_name=experiment_name, output_dir=output_dir)
     if probes is not None:
         paths["probes"] = probes
-    store_copy = snapshot_store(reading_uri(tracking_uri, output_dir), out / STORE_SNAPSHOT)
+    store_copy = snapshot_store(uri, out / STORE_SNAPSHOT)
     if store_copy is not None:
         paths["store"] = store_copy
     return paths

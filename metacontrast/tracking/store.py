@@ -23,6 +23,7 @@ import fcntl
 import logging
 import lzma
 import os
+import shutil
 import sqlite3
 import tempfile
 import urllib.error
@@ -247,6 +248,6 @@ def snapshot_store(tracking_uri: str, out_file: str | os.PathLike[str]) -> Path 
         finally:
             source.close()
             target.close()
-        with atomic_write(out_file, "wb") as handle, lzma.open(handle, "wb", preset=6) as packed:
-            packed.write(copy.read_bytes())
+        with atomic_write(out_file, "wb") as handle, lzma.open(handle, "wb", preset=6) as packed, copy.open("rb") as raw:
+            shutil.copyfileobj(raw, packed)
     return Path(out_file)
