@@ -27,7 +27,7 @@ RUN = {"amp", "amp_dtype", "batch_size", "datalist", "dataset", "device", "epoch
 #: every config's logged param names on the sample dataset, as logged before the configs were reorganised
 LOGGED = {
     "gcl": RUN | {"beta", "cosine_norm", "head_hidden", "head_out", "image_heads", "max_iterations", "meta_labels", "momentum",
-                  "num_partitions", "pixel_weight", "temperature", "top_k", "use_grad_filter", "use_mitigator", "use_pixel_loss",
+                  "num_partitions", "pixel_weight", "pretrained_decoder_blocks", "temperature", "top_k", "use_grad_filter", "use_mitigator", "use_pixel_loss",
                   "warmup_iterations", "weight_decay"},
     "glcl": RUN | {"g1_hidden", "g1_out", "global_epochs", "global_iterations", "global_strategy", "local_intensity.brightness_prob",
                    "local_intensity.brightness_range", "local_intensity.contrast_prob", "local_intensity.contrast_range",

@@ -17,7 +17,7 @@ from torch import nn
 from tests.helpers import TwoHeads, in_repo, logged_hyper_parameters
 from metacontrast.engines import GradMitigator, MultiLossEvents, MultiLossTrainer, WarmupCosine, cosine_schedule
 from metacontrast.losses import GCLLoss, PixelContrastiveLoss
-from metacontrast.nets import PretrainedWeightsMismatch, SegmentationUNet, UNetEncoder
+from metacontrast.nets import PretrainedWeightsMismatch, SegmentationUNet, UNetEncoder, encoder_state_dict, load_pretrained
 from metacontrast.workflows import checkpoint_norm, initialise_encoder
 
 TINY = [4, 8, 16, 32, 64]
@@ -200,6 +200,30 @@ def test_gcl_bundle_builds_one_image_head_per_meta_label_on_request(repo_root: P
         assert sorted(per_label.get_parsed_content("network").heads) == ["img_patient_id", "img_slice_quantile", "pix"]
         assert per_label.get_parsed_content("loss").image_heads == "per_label"
     assert paper["method_hyper_parameters"]["image_heads"] == "@image_heads"
+
+
+def test_gcl_pixel_head_moves_onto_a_decoder_block_that_only_the_pixel_term_trains(repo_root: Path):
+    """``pretrained_decoder_blocks: 1``: ``h_pix`` reads the first up block on the encoder's features of a 0.5x copy of
+    the view, on the grid of ``h_img``'s map; the image terms leave that block alone, the pixel term trains it, and it
+    is part of the weights fine-tuning loads."""
+    meta = {"patient_id": torch.tensor([0, 0, 1, 1]), "slice_quantile": torch.tensor([0, 1, 0, 1])}
+    with in_repo(repo_root):
+        parser = _parser(repo_root, "gcl", features=TINY, meta_labels=list(meta), image_heads="per_label", pretrained_decoder_blocks=1)
+        network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+        paper = _parser(repo_root, "gcl", features=TINY).get_parsed_content("network")
+    outputs = network(torch.randn(8, 1, 64, 64))
+    assert outputs["pix"].shape[-2:] == outputs["img_patient_id"].shape[-2:] == (4, 4)
+    block = [p for b in network.encoder.decoder_blocks(1) for p in b.parameters()]
+    assert block and network.encoder.decoder_blocks(1)[0][0].conv.in_channels == TINY[-1] + TINY[-2]
+    loss.record_components = True
+    loss(outputs, meta)
+    terms = loss.last_components
+    image = torch.autograd.grad(sum(v for k, v in terms.items() if k.startswith("img/")), block, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in image)
+    pixel = torch.autograd.grad(sum(v for k, v in terms.items() if k.startswith("pix/")), block, allow_unused=True)
+    assert all(g is not None for g in pixel) and sum(float(g.abs().sum()) for g in pixel) > 0
+    weights = encoder_state_dict(network, 1)
+    assert set(weights) - set(encoder_state_dict(paper)) and load_pretrained(SegmentationUNet(out_channels=4, features=TINY), weights)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-from .heads import DecoderWithHeads, EncoderWithHeads, PooledProjectionHead, ProjectionHead, gcl_heads, pooled_embedding
+from .heads import DecoderWithHeads, EncoderWithHeads, PooledProjectionHead, ProjectionHead, gcl_heads, gcl_network, pooled_embedding
 from .macl import MACLNetwork, PixelProjector, downsample, pad_to_multiple
 from .unet import (
     DEFAULT_CHANNELS,

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .macl import MACLNetwork
+
 
 class ProjectionHead(nn.Sequential):
     """Per-pixel MLP: (B, in, h, w) -> (B, out, h, w) through 1x1 conv, ReLU, 1x1 conv.
@@ -35,14 +37,35 @@ class PooledProjectionHead(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), ProjectionHead(in_channels, hidden_channels, out_channels))
 
 
-def gcl_heads(in_channels: int, hidden_channels: int, out_channels: int, image_labels: list[str] | tuple[str, ...] = ()) -> dict[str, nn.Module]:
+def gcl_heads(in_channels: int, hidden_channels: int, out_channels: int, image_labels: list[str] | tuple[str, ...] = (),
+              pixel_in_channels: int | None = None) -> dict[str, nn.Module]:
     """GCL's projection heads: ``{"img": h_img, "pix": h_pix}`` (the paper: one image head shared by every meta
     label), or, given ``image_labels``, ``{"pix": h_pix, "img_<m>": h_img^m for each m}``: one image head per meta
     label, so labels whose positives conflict (patient ID's are slice quantile's negatives) need not pull one
-    embedding apart.  Every head is a :class:`ProjectionHead` (in -> hidden -> out)."""
-    make = lambda: ProjectionHead(in_channels, hidden_channels, out_channels)  # noqa: E731
-    image = {f"img_{m}": make() for m in image_labels} if image_labels else {"img": make()}
-    return {**image, "pix": make()}
+    embedding apart.  Every head is a :class:`ProjectionHead` (in -> hidden -> out); ``h_pix`` reads
+    ``pixel_in_channels`` (default ``in_channels``) when it sits on decoder features (:func:`gcl_network`)."""
+    make = lambda channels: ProjectionHead(channels, hidden_channels, out_channels)  # noqa: E731
+    image = {f"img_{m}": make(in_channels) for m in image_labels} if image_labels else {"img": make(in_channels)}
+    return {**image, "pix": make(in_channels if pixel_in_channels is None else pixel_in_channels)}
+
+
+def gcl_network(encoder: nn.Module, heads: dict[str, nn.Module], pixel_decoder_blocks: int = 0,
+                downsample_mode: str = "area", pixel_key: str = "pix") -> nn.Module:
+    """GCL's pre-training network: the encoder and the heads of :func:`gcl_heads`.
+
+    ``pixel_decoder_blocks = 0`` is the paper (Fig. 2): every head on the deepest encoder features ``f(x)``
+    (:class:`EncoderWithHeads`).  With ``l > 0`` the pixel head moves onto MACL's dominant branch
+    (:class:`~metacontrast.nets.macl.MACLNetwork`): ``u = h_pix(d_l(f(down(x))))``, the first ``l`` up blocks run on
+    the encoder's features of a ``2^-l`` downsampled copy of the same view, so ``u`` (B, D, h, w) lies on the grid of
+    ``h_img(f(x))`` and Eq. 6's affinities still come from the image-wise space; the image heads stay on ``f(x)``.
+    The pixel-wise term then trains the first ``l`` decoder blocks as well, which fine-tuning loads; ``encoder``
+    must keep them (``UNetEncoder(keep_decoder_blocks=l)``).
+    """
+    if pixel_decoder_blocks == 0:
+        return EncoderWithHeads(encoder, heads)
+    image_heads = {k: v for k, v in heads.items() if k != pixel_key}
+    return MACLNetwork(encoder, image_heads, {pixel_key: heads[pixel_key]}, num_decoder_blocks=pixel_decoder_blocks,
+                       scale_factor=2.0 ** -pixel_decoder_blocks, downsample_mode=downsample_mode, auxiliary_suffix="")
 
 
 def pooled_embedding(feature_map: torch.Tensor) -> torch.Tensor:

@@ -79,15 +79,18 @@ class MACLNetwork(nn.Module):
         scale_factor: the dominant branch's downsampling (0.25; ``2 ** -num_decoder_blocks`` keeps the
             branches aligned).
         downsample_mode: see :func:`downsample`.
+        auxiliary_suffix: appended to an auxiliary head's name in the output (``"_aux"``; GCL's dominant-branch
+            variant passes ``""`` so its image heads keep the names :class:`~metacontrast.losses.GCLLoss` reads).
 
     ``forward(x)`` with ``x`` (B, 1, H, W) returns a dict: ``features`` = ``Y`` and ``features_aux`` = ``Y~``
-    (the encoder's deepest maps), and for each head name ``k``, ``k`` = ``g_k(d(Y))`` and ``k + "_aux"`` =
+    (the encoder's deepest maps), and for each head name ``k``, ``k`` = ``g_k(d(Y))`` and ``k + auxiliary_suffix`` =
     ``g~_k(Y~)``.  At 192 x 192 with the default widths: ``Y~`` (B, 512, 12, 12), ``Y`` (B, 512, 3, 3),
     ``d(Y)`` (B, 64, 12, 12).
     """
 
     def __init__(self, encoder: UNetEncoder, auxiliary_heads: Mapping[str, nn.Module], dominant_heads: Mapping[str, nn.Module],
-                 num_decoder_blocks: int = 2, scale_factor: float = 0.25, downsample_mode: str = "area") -> None:
+                 num_decoder_blocks: int = 2, scale_factor: float = 0.25, downsample_mode: str = "area",
+                 auxiliary_suffix: str = "_aux") -> None:
         super().__init__()
         kept = int(getattr(encoder, "kept_decoder_blocks", 0))
         if not 1 <= num_decoder_blocks <= kept:
@@ -101,6 +104,9 @@ class MACLNetwork(nn.Module):
         self.num_decoder_blocks = int(num_decoder_blocks)
         self.scale_factor = float(scale_factor)
         self.downsample_mode = downsample_mode
+        self.auxiliary_suffix = auxiliary_suffix
+        if set(auxiliary_heads) & set(dominant_heads) and not auxiliary_suffix:
+            raise ValueError(f"heads {sorted(set(auxiliary_heads) & set(dominant_heads))} are in both branches: give an auxiliary_suffix")
         self.input_multiple = round(2 ** (len(encoder.encoder_blocks()) - 1) / scale_factor)  # 16 / 0.25 = 64
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -109,6 +115,6 @@ class MACLNetwork(nn.Module):
         skips = self.encoder.encode(downsample(x, self.scale_factor, self.downsample_mode))  # Eq. 7
         decoded = self.encoder.decode(skips, self.num_decoder_blocks)
         out = {"features": skips[-1], "features_aux": y_aux}
-        out.update({f"{name}_aux": head(y_aux) for name, head in self.auxiliary_heads.items()})  # Eq. 6
+        out.update({name + self.auxiliary_suffix: head(y_aux) for name, head in self.auxiliary_heads.items()})  # Eq. 6
         out.update({name: head(decoded) for name, head in self.dominant_heads.items()})  # Eq. 8
         return out
