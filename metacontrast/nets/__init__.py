@@ -5,6 +5,7 @@ from .unet import (
     PretrainedWeightsMismatch,
     SegmentationUNet,
     UNetEncoder,
+    decoded_channels,
     encoder_state_dict,
     load_pretrained,
 )

@@ -143,6 +143,13 @@ class UNetEncoder(SegmentationUNet):
         return self.encode(x)[-1]
 
 
+def decoded_channels(features: Sequence[int], num_decoder_blocks: int = 0) -> int:
+    """Channels of the map after the first ``num_decoder_blocks`` up blocks of a :class:`SegmentationUNet` with these
+    ``features`` (0: the deepest encoder features, ``features[-1]``).  Up block ``l`` (deepest first) joins the skip of
+    width ``features[-1 - l]`` and returns the width of the level above it, ``features[-2 - l]``."""
+    return int(features[-2 - num_decoder_blocks] if num_decoder_blocks else features[-1])
+
+
 def encoder_state_dict(module: nn.Module, num_decoder_blocks: int = 0) -> dict[str, torch.Tensor]:
     """The U-Net weights a pre-training run hands to fine-tuning.
 
