@@ -1,7 +1,8 @@
-"""The grammar of a results-grid row name: ``<bundle>[/<variant>][+<add-on>][@<recipe>]``.
+"""The grammar of a results-grid row name: ``<bundle>[/<variant>[.<ablation>]][+<add-on>][@<recipe>]``.
 
 ``gcl/naive_sum+mean_teacher@improved`` is bundle ``gcl``, its ablation ``naive_sum``, fine-tuned with the
-semi-supervised add-on ``mean_teacher`` under the fine-tune recipe ``improved``.  Every module that reads
+semi-supervised add-on ``mean_teacher`` under the fine-tune recipe ``improved``.  ``gcl/recipe.no_filter`` is
+the variant ``recipe`` with the ablation ``no_filter`` applied on top: it is compared with ``gcl/recipe``.  Every module that reads
 a row name (the run layout, the grid, the results tables, the pictures, the semi-supervised mode check)
 splits it here; what the parts mean (config files, recipes) is :func:`metacontrast.reporting.grid.parse_method`'s
 job.  It imports nothing of the package, so that every layer may read a row name.
@@ -26,6 +27,20 @@ class MethodName(NamedTuple):
     def pretrained_as(self) -> str:
         """Bundle and variant, ``gcl/naive_sum``: the name a pre-training ablation runs under."""
         return f"{self.bundle}/{self.variant}" if self.variant else self.bundle
+
+    @property
+    def compared_with(self) -> str:
+        """The row this one ablates or adds to, without recipe: ``gcl/recipe.no_filter`` -> ``gcl/recipe``;
+        ``gcl/no_filter`` and ``gcl+mean_teacher`` -> ``gcl``."""
+        base, dot, _ = self.variant.rpartition(".")
+        return f"{self.bundle}/{base}" if dot else self.bundle
+
+    @property
+    def paper_row(self) -> str:
+        """The papers' name of the row, for their tables: ``gcl/recipe.no_filter@improved`` -> ``gcl/no_filter``,
+        ``gcl+mean_teacher@improved`` -> ``gcl+mean_teacher``."""
+        ablation = self.variant.rpartition(".")[2]
+        return (f"{self.bundle}/{ablation}" if ablation else self.bundle) + (f"+{self.add_on}" if self.add_on else "")
 
     @property
     def without_recipe(self) -> str:

@@ -357,6 +357,24 @@ def test_row_names_split_once_and_name_their_pre_training() -> None:
     assert parse_method("random@improved").pretraining is None
 
 
+def test_an_ablation_of_a_variant_applies_its_overrides_over_the_variants() -> None:
+    """``gcl/warmup_clip.no_filter`` is the variant ``warmup_clip`` without GradFilter: both rows' overrides,
+    the ablation's last; it is pre-trained under its own name, a fine-tune-only ablation reuses the variant's
+    encoder, and it is compared with the variant; an unknown part is refused by name."""
+    from metacontrast.reporting.grid import parse_method
+    from metacontrast.reporting.tables import full_method
+
+    spec = parse_method("gcl/warmup_clip.no_filter@improved")
+    assert spec.pretrain_overrides == {"warmup_iterations": 10, "grad_clip_norm": 1.0, "use_grad_filter": False}
+    assert spec.pretraining == "gcl/warmup_clip.no_filter"
+    assert parse_method("gcl/warmup_clip.frozen_encoder").pretraining == "gcl/warmup_clip"
+    assert parse_method("gcl/warmup_clip.frozen_encoder").finetune_overrides == {"freeze_encoder": True}
+    assert full_method("gcl/warmup_clip.no_filter@improved") == "gcl/warmup_clip@improved"
+    assert full_method("gcl/no_filter@improved") == "gcl@improved"
+    with pytest.raises(ValueError, match=r"ablations.json defines no variant 'no_such'"):
+        parse_method("gcl/warmup_clip.no_such")
+
+
 def test_method_names_from_the_command_line() -> None:
     """fire passes '[random@improved,gcl+mixup]' as one string: it becomes two rows, not one per character."""
     from metacontrast.reporting.grid import method_names

@@ -196,6 +196,10 @@ def test_ablations_compare_each_variant_with_its_full_method():
     assert got["gcl/no_filter@improved"] == ["1", "0.390 ± 0.060", "gcl@improved", "-0.060 ± 0.010 (2)",
                                              "0.635 - 0.652 = -0.017"]
     assert got["gcl+mean_teacher@improved"][3:] == ["+0.050 ± 0.000 (1)", "0.762 - 0.729 = +0.033"]
+    # an ablation of a recipe row is compared with that row, beside the paper's difference for its ablation
+    rows = _rows({("gcl/recipe@improved", 1, 0): 0.50, ("gcl/recipe.no_filter@improved", 1, 0): 0.44})
+    line = next(line for line in format_ablations(rows, "acdc").splitlines() if line.startswith("| gcl/recipe.no_filter"))
+    assert line.split(" | ")[3:6] == ["gcl/recipe@improved", "-0.060 ± 0.000 (1)", "0.635 - 0.652 = -0.017"]
 
 
 def test_validation_table_compares_each_row_with_random_init_of_its_network():

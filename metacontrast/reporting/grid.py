@@ -6,7 +6,8 @@ A method name in the grid is ``<bundle>[/<variant>][+<semi-supervised add-on>]``
   network, with the fine-tune overrides stored under ``batch_norm`` in ``bundles/common/configs/random_init.json``;
 * ``gcl`` -- ``bundles/gcl/configs/pretrain.json``;
 * ``gcl/naive_sum`` -- the same with the overrides stored under ``naive_sum`` in
-  ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows);
+  ``bundles/gcl/configs/ablations.json`` (the bundle owns its ablation rows); ``gcl/recipe.no_filter`` --
+  the overrides of ``recipe``, then those of ``no_filter`` over them (an ablation of a variant);
 * ``gcl+mean_teacher`` -- GCL's encoder fine-tuned with a semi-supervised add-on (``mean_teacher``,
   ``mixup``, ``cross_pseudo``; the fine-tune key ``semi_supervised``, see :mod:`metacontrast.semi`);
   the pre-training is shared with ``gcl``, the runs are tagged and filed under the full name;
@@ -52,6 +53,7 @@ class MethodSpec:
     bundle: str | None
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     finetune_overrides: dict[str, Any] = field(default_factory=dict)
+    pretrain_variants: tuple[str, ...] = ()
 
     @property
     def pretrain_config(self) -> Path:
@@ -60,10 +62,11 @@ class MethodSpec:
     @property
     def pretraining(self) -> str | None:
         """The name the row's pre-training runs and is tagged under (``None``: random init): ``gcl`` for
-        ``gcl+mean_teacher@improved`` and for a fine-tune-only variant, ``gcl/naive_sum`` for a pre-training ablation."""
+        ``gcl+mean_teacher@improved`` and for a fine-tune-only variant, ``gcl/naive_sum`` for a pre-training ablation,
+        ``gcl/recipe`` for ``gcl/recipe.frozen_encoder`` (the variant parts that change the pre-training)."""
         if self.bundle is None:
             return None
-        return self.bundle if not self.pretrain_overrides else split_method_name(self.name).pretrained_as
+        return f"{self.bundle}/{'.'.join(self.pretrain_variants)}" if self.pretrain_variants else self.bundle
 
     def workflow_configs(self, workflow: str) -> list[str]:
         """``bundles/common/configs/<workflow>.json``, then the bundle's own ``finetune.json`` defaults if it has one."""
@@ -101,14 +104,18 @@ def parse_method(name: str) -> MethodSpec:
     if not config.is_file():
         known = sorted(p.parent.parent.name for p in REPO_ROOT.glob("bundles/*/configs/pretrain.json"))
         raise ValueError(f"method {name!r}: no bundle {bundle!r} ({config} missing); known: random, {', '.join(known)}")
-    row: dict[str, dict[str, Any]] = {}
-    if variant:
+    row: dict[str, dict[str, Any]] = {"pretrain": {}, "finetune": {}}
+    parts = variant.split(".") if variant else []
+    if parts:
         ablations_file = config.parent / "ablations.json"
         ablations = json.loads(ablations_file.read_text()) if ablations_file.is_file() else {}
-        if variant not in ablations or variant.startswith("_"):
-            raise ValueError(f"method {name!r}: {ablations_file} defines no variant {variant!r} (has {sorted(ablations)})")
-        row = ablations[variant]
-    return MethodSpec(name, bundle, dict(row.get("pretrain", {})), {**row.get("finetune", {}), **finetune})
+        for part in parts:  # 'recipe.no_filter': the ablation's overrides over the variant's
+            if part not in ablations or part.startswith("_"):
+                raise ValueError(f"method {name!r}: {ablations_file} defines no variant {part!r} (has {sorted(ablations)})")
+            for stage in row:
+                row[stage].update(ablations[part].get(stage, {}))
+        parts = [part for part in parts if ablations[part].get("pretrain")]
+    return MethodSpec(name, bundle, row["pretrain"], {**row["finetune"], **finetune}, tuple(parts))
 
 
 def method_names(methods: str | Sequence[str]) -> list[str]:

@@ -61,7 +61,7 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
     is_baseline = lambda method: is_random_row(method, baseline)
     for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_baseline(k[0]), k[0], k[1])):
         gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, random_reference(rows, method, baseline), num_labeled)
-        source, paper_base, values = papers.get(split_method_name(method).without_recipe, ("", None, {}))
+        source, paper_base, values = papers.get(split_method_name(method).paper_row, ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
         paper_cell = MISSING if math.isnan(paper) else f"{paper:.3f}"
@@ -126,18 +126,19 @@ def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     lines = markdown_head(f"{dataset}: ablations and add-ons against the full method (test Dice)",
                           ["Row", "L", "ours", "full method", "ours - full: per-seed mean ± std (n)",
                            "paper: its analogue - full", "source"])
-    for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0]):
+    # a variant whose full method did not run at that L (a recipe row, random/batch_norm) is no ablation here
+    for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0] and (full_method(k[0]), k[1]) in agg):
         reference = full_method(method)
         gain = paired_gain(rows, method, reference, num_labeled)
-        source, values = papers.get(split_method_name(method).without_recipe, ("", {}))
+        source, values = papers.get(split_method_name(method).paper_row, ("", {}))
         paper = values.get(num_labeled)
         paper_cell = MISSING if paper is None else f"{paper[0]:.3f} - {paper[1]:.3f} = {paper[0] - paper[1]:+.3f}"
         lines.append(f"| {method} | {num_labeled} | {cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {reference} "
                      f"| {format_gain(gain)} | {paper_cell} | {source or MISSING} |")
     if len(lines) == 4:
-        lines.append(f"| {MISSING} | | | | | | no ablation or add-on rows in this grid |")
+        lines.append(f"| {MISSING} | | | | | | no ablation or add-on row whose full method ran in this grid |")
     lines += ["", "A row named `<bundle>/<variant>` removes one component of the bundle's method "
-              "(`bundles/<bundle>/configs/ablations.json`); `<bundle>+<add-on>` adds a semi-supervised method to its "
-              "fine-tune. Differences are paired by seed as in `paper_comparison.md`. Made by "
+              "(`bundles/<bundle>/configs/ablations.json`), `<bundle>/<variant>.<ablation>` removes it from the "
+              "variant `<bundle>/<variant>`; `<bundle>+<add-on>` adds a semi-supervised method to its fine-tune. Differences are paired by seed as in `paper_comparison.md`. Made by "
               "`metacontrast.reporting.results.write_results`.", ""]
     return "\n".join(lines)

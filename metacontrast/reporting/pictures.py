@@ -49,7 +49,6 @@ from ..data.dicom import load_volume
 from ..data.slices import build_slice_cache
 from ..data.transforms import DEFAULT_NUM_PARTITIONS
 from ..layout import ENCODER_FILE, RunLayout
-from ..method_name import split_method_name
 from ..tracking import RunStore
 from ..workflows.data import cap, preprocessing_settings, read_manifest
 from .curves import plot_finetune_curves, plot_pretrain_curves
@@ -113,14 +112,12 @@ class _Drawer:
 
     def pretrain_run(self, method: str) -> Any:
         """The newest FINISHED pre-training of a grid method: ``gcl/naive_sum+x@y`` was pre-trained as
-        ``gcl/naive_sum``, or as ``gcl`` when the variant changes only fine-tuning (see ``grid.py``)."""
-        parts = split_method_name(method)
-        tried = list(dict.fromkeys([parts.pretrained_as, parts.bundle]))
-        for name in tried:
-            runs = self.store.runs("pretrain", method=name)
-            if runs:
-                return runs[0]
-        raise LookupError(f"no FINISHED pretrain run tagged method in {tried}, dataset={self.store.dataset!r} in {self.store.tracking_uri}")
+        ``gcl/naive_sum``, or as ``gcl`` when the variant changes only fine-tuning (:attr:`MethodSpec.pretraining`)."""
+        name = parse_method(method).pretraining
+        runs = self.store.runs("pretrain", method=name) if name else []
+        if not runs:
+            raise LookupError(f"no FINISHED pretrain run tagged method={name!r}, dataset={self.store.dataset!r} in {self.store.tracking_uri}")
+        return runs[0]
 
     def pretrain_curves(self, method: str, path: Path) -> Path:
         return plot_pretrain_curves(self.store, self.pretrain_run(method), path, self.joint_optimum)

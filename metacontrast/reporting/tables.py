@@ -90,9 +90,10 @@ def random_reference(rows: Sequence[Mapping[str, Any]], method: str, baseline: s
 
 def full_method(method: str) -> str:
     """The row an ablation or add-on is compared with: ``gcl/no_filter@improved`` and
-    ``gcl+mean_teacher@improved`` -> ``gcl@improved``; a full method is its own."""
+    ``gcl+mean_teacher@improved`` -> ``gcl@improved``, ``gcl/recipe.no_filter@improved`` -> ``gcl/recipe@improved``;
+    a full method is its own."""
     parts = split_method_name(method)
-    return with_recipe(parts.bundle, parts.recipe)
+    return with_recipe(parts.compared_with, parts.recipe)
 
 
 def mean_std_cell(rows: Sequence[Mapping[str, Any]], method: str, num_labeled: int, metric: str) -> str:
