@@ -110,17 +110,16 @@ class _Drawer:
             raise FileNotFoundError(f"{what} reads the scans, but dataset_dir {self.dataset_dir!r} is not a folder (pass --dataset_dir)")
         return Path(self.dataset_dir)
 
-    def pretrain_run(self, method: str) -> Any:
-        """The newest FINISHED pre-training of a grid method: ``gcl/naive_sum+x@y`` was pre-trained as
-        ``gcl/naive_sum``, or as ``gcl`` when the variant changes only fine-tuning (:attr:`MethodSpec.pretraining`)."""
-        name = parse_method(method).pretraining
-        runs = self.store.runs("pretrain", method=name) if name else []
+    def pretrain_run(self, pretraining: str) -> Any:
+        """The newest FINISHED pre-training tagged ``pretraining``, a row's :attr:`MethodSpec.pretraining` (``gcl`` for
+        ``gcl+x@y``, ``gcl/naive_sum`` for ``gcl/naive_sum@y``)."""
+        runs = self.store.runs("pretrain", method=pretraining)
         if not runs:
-            raise LookupError(f"no FINISHED pretrain run tagged method={name!r}, dataset={self.store.dataset!r} in {self.store.tracking_uri}")
+            raise LookupError(f"no FINISHED pretrain run tagged method={pretraining!r}, dataset={self.store.dataset!r} in {self.store.tracking_uri}")
         return runs[0]
 
-    def pretrain_curves(self, method: str, path: Path) -> Path:
-        return plot_pretrain_curves(self.store, self.pretrain_run(method), path, self.joint_optimum)
+    def pretrain_curves(self, pretraining: str, path: Path) -> Path:
+        return plot_pretrain_curves(self.store, self.pretrain_run(pretraining), path, self.joint_optimum)
 
     def finetune_curves(self, method: str, path: Path) -> Path:
         runs = _newest_per_combination(self.store.runs("finetune", method=method))
@@ -134,8 +133,8 @@ class _Drawer:
             raise LookupError(f"no FINISHED evaluate runs of {list(methods)} on {self.store.dataset!r}")
         return plot_dice(aggregate(rows), path, self.store.dataset, [m for m in methods if any(r["method"] == m for r in rows)])
 
-    def tsne(self, method: str, split: str, num_volumes: int, path: Path) -> Path:
-        run = self.pretrain_run(method)
+    def tsne(self, pretraining: str, split: str, num_volumes: int, path: Path) -> Path:
+        run = self.pretrain_run(pretraining)
         dataset_dir = self._require_dataset_dir("the t-SNE")
         folder = Path(self._tmp.name) / run.info.run_id
         config = json.loads(self.store.artifact(run, "config.json", folder).read_text())
@@ -149,7 +148,7 @@ class _Drawer:
                                   num_partitions=int(config.get("num_partitions", DEFAULT_NUM_PARTITIONS)),
                                   with_labels=False, progress=False, num_workers=0)  # fmt: skip
         coords = tsne(encoder(cache.images).numpy(), self.seed)
-        title = f"{method}: t-SNE of pooled encoder features, {len(coords)} slices of {len(entries)} {split} volumes"
+        title = f"{pretraining}: t-SNE of pooled encoder features, {len(coords)} slices of {len(entries)} {split} volumes"
         return plot_tsne(coords, meta_colourings(cache, manifest["meta_labels"]), path, title)
 
     def evaluate_run(self, method: str, num_labeled: int | None, seed: int) -> Any:
