@@ -36,13 +36,6 @@ class MethodName(NamedTuple):
         return f"{self.bundle}/{base}" if dot else self.bundle
 
     @property
-    def paper_row(self) -> str:
-        """The papers' name of the row, for their tables: ``gcl/recipe.no_filter@improved`` -> ``gcl/no_filter``,
-        ``gcl+mean_teacher@improved`` -> ``gcl+mean_teacher``."""
-        ablation = self.variant.rpartition(".")[2]
-        return (f"{self.bundle}/{ablation}" if ablation else self.bundle) + (f"+{self.add_on}" if self.add_on else "")
-
-    @property
     def without_recipe(self) -> str:
         """``gcl/naive_sum+mean_teacher``: the row as the papers name it (their tables have no recipes)."""
         return self.pretrained_as + (f"+{self.add_on}" if self.add_on else "")

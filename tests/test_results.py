@@ -153,6 +153,26 @@ def test_paper_comparison_takes_gains_within_each_recipe():
     assert got["random@improved"] == ["0.300 ± 0.000", "–", "0.598", "–"]
 
 
+def test_a_recipe_variant_is_set_beside_the_paper_row_it_declares():
+    """A variant that only changes the optimisation ('paper_row' in its ablations.json entry) is read against the
+    paper's method, random init of any network against the paper's random init; a variant that removes a
+    component and has no paper row of its name gets no paper cells."""
+    from metacontrast.reporting.papers import format_paper_comparison
+    from metacontrast.reporting.rows import bundle_variants, paper_row
+
+    recipe = "warmup_clip_pixel003_batch_norm_image_heads"
+    assert bundle_variants("gcl")[recipe]["paper_row"] == "gcl" and "paper_row" not in bundle_variants("gcl")["no_organ_state"]
+    assert paper_row(f"gcl/{recipe}.no_filter@improved") == "gcl/no_filter"
+    assert paper_row(f"gcl/{recipe}+mean_teacher@improved") == "gcl+mean_teacher"
+    rows = _rows({("random/batch_norm@improved", 1, 0): 0.30, (f"gcl/{recipe}@improved", 1, 0): 0.40,
+                  ("gcl/no_organ_state@improved", 1, 0): 0.35})
+    rows = [{**row, "norm": "batch"} for row in rows]  # every row a batch-norm network: compared with random/batch_norm
+    got = _comparison_rows(format_paper_comparison(rows, "acdc"), 1)
+    assert got[f"gcl/{recipe}@improved"] == ["0.400 ± 0.000", "+0.100 ± 0.000 (1)", "0.729", "+0.131"]
+    assert got["random/batch_norm@improved"] == ["0.300 ± 0.000", "–", "0.598", "–"]
+    assert got["gcl/no_organ_state@improved"][2:] == ["–", "–"]
+
+
 def test_a_row_is_compared_with_random_init_of_its_own_network():
     """A batch-norm GCL fine-tune is compared with 'random/batch_norm' of its recipe where the grid has it (the
     evaluate runs' logged norm), an instance-norm row with plain 'random'; the random rows are references."""

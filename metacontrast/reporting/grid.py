@@ -41,6 +41,7 @@ from ..method_name import split_method_name
 from ..semi import ADD_ONS
 from ..tracking import completed_runs
 from .results import write_results
+from .rows import bundle_variants, variants_file
 
 COMMON = REPO_ROOT / "bundles" / "common" / "configs"
 
@@ -107,14 +108,13 @@ def parse_method(name: str) -> MethodSpec:
     row: dict[str, dict[str, Any]] = {"pretrain": {}, "finetune": {}}
     parts = variant.split(".") if variant else []
     if parts:
-        ablations_file = config.parent / "ablations.json"
-        ablations = json.loads(ablations_file.read_text()) if ablations_file.is_file() else {}
+        variants = bundle_variants(bundle)
         for part in parts:  # 'recipe.no_filter': the ablation's overrides over the variant's
-            if part not in ablations or part.startswith("_"):
-                raise ValueError(f"method {name!r}: {ablations_file} defines no variant {part!r} (has {sorted(ablations)})")
+            if part not in variants:
+                raise ValueError(f"method {name!r}: {variants_file(bundle)} defines no variant {part!r} (has {sorted(variants)})")
             for stage in row:
-                row[stage].update(ablations[part].get(stage, {}))
-        parts = [part for part in parts if ablations[part].get("pretrain")]
+                row[stage].update(variants[part].get(stage, {}))
+        parts = [part for part in parts if variants[part].get("pretrain")]
     return MethodSpec(name, bundle, row["pretrain"], {**row["finetune"], **finetune}, tuple(parts))
 
 

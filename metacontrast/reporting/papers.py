@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..method_name import split_method_name
+from .rows import paper_row
 from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head,
                      mean_std_cell, paired_gain, random_reference, signed)
 
@@ -61,7 +62,7 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
     is_baseline = lambda method: is_random_row(method, baseline)
     for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_baseline(k[0]), k[0], k[1])):
         gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, random_reference(rows, method, baseline), num_labeled)
-        source, paper_base, values = papers.get(split_method_name(method).paper_row, ("", None, {}))
+        source, paper_base, values = papers.get(paper_row(method), ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")
         paper_cell = MISSING if math.isnan(paper) else f"{paper:.3f}"
@@ -130,7 +131,7 @@ def format_ablations(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     for method, num_labeled in sorted(k for k in agg if full_method(k[0]) != k[0] and (full_method(k[0]), k[1]) in agg):
         reference = full_method(method)
         gain = paired_gain(rows, method, reference, num_labeled)
-        source, values = papers.get(split_method_name(method).paper_row, ("", {}))
+        source, values = papers.get(paper_row(method), ("", {}))
         paper = values.get(num_labeled)
         paper_cell = MISSING if paper is None else f"{paper[0]:.3f} - {paper[1]:.3f} = {paper[0] - paper[1]:+.3f}"
         lines.append(f"| {method} | {num_labeled} | {cell(agg[(method, num_labeled)], 'test_dice_mean', 3)} | {reference} "

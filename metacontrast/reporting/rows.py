@@ -1,0 +1,54 @@
+"""What a bundle says about its grid rows: the variants in ``bundles/<bundle>/configs/ablations.json``, and
+the papers' row each grid row is set beside.
+
+A variant entry holds the overrides of the stages it changes (``"pretrain"``, ``"finetune"``) and, when it
+keeps every component of the paper's method and changes only how it is optimised (normalisation, warm-up,
+clipping, loss weights), ``"paper_row"``: the papers' row it is read against (``"gcl"``).  A variant that
+removes a component declares none and is read against the paper's ablation of the same name, if any.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .. import REPO_ROOT
+from ..method_name import split_method_name
+
+__all__ = ["RANDOM_PAPER_ROW", "bundle_variants", "paper_row", "variants_file"]
+
+#: every random-init row (``random``, ``random/batch_norm``) is read against the papers' random init
+RANDOM_PAPER_ROW = "random"
+
+
+def variants_file(bundle: str) -> Path:
+    """``bundles/<bundle>/configs/ablations.json``."""
+    return REPO_ROOT / "bundles" / bundle / "configs" / "ablations.json"
+
+
+def bundle_variants(bundle: str) -> dict[str, dict[str, Any]]:
+    """The bundle's variants by name (``{}`` when it has no ``ablations.json``); ``_doc_`` and other
+    ``_``-keys left out."""
+    path = variants_file(bundle)
+    rows = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: entry for name, entry in rows.items() if not name.startswith("_")}
+
+
+def paper_row(method: str) -> str:
+    """The papers' name of a grid row, for their tables (recipe dropped, add-on kept):
+
+    * ``random/batch_norm@improved`` -> ``random``;
+    * ``gcl/recipe@improved`` -> the ``paper_row`` that ``recipe`` declares (``gcl``), else ``gcl/recipe``;
+    * ``gcl/recipe.no_filter@improved`` -> ``gcl/no_filter`` (the last part decides, as above);
+    * ``gcl+mean_teacher@improved`` -> ``gcl+mean_teacher``.
+    """
+    name = split_method_name(method)
+    add_on = f"+{name.add_on}" if name.add_on else ""
+    if name.bundle == RANDOM_PAPER_ROW:
+        return RANDOM_PAPER_ROW + add_on
+    last = name.variant.rpartition(".")[2]
+    if not last:
+        return name.bundle + add_on
+    declared = bundle_variants(name.bundle).get(last, {}).get("paper_row")
+    return (declared or f"{name.bundle}/{last}") + add_on
