@@ -9,8 +9,9 @@ Under ``<runs_dir>/<dataset>/``::
     mlruns.db                           the results grid's MLflow store (experiment ``metacontrast-<dataset>``)
 
 ``<method>`` is the row name as the run was given it (:mod:`metacontrast.method_name`); a pre-training runs
-under bundle and variant only (``gcl/naive_sum``), so the encoder of ``gcl/naive_sum+mean_teacher@improved``
-is ``gcl/naive_sum``'s, and a ``random`` row has none.  The bundle configs reach the same paths with one
+under the bundle and the variant parts that change it (:func:`metacontrast.variants.pretraining`), so the encoder
+of ``gcl/naive_sum+mean_teacher@improved`` is ``gcl/naive_sum``'s, that of ``gcl/frozen_encoder`` is ``gcl``'s,
+and a ``random`` row has none.  The bundle configs reach the same paths with one
 ``$metacontrast.layout.RunLayout(@runs_dir, @dataset)....`` call each; the grid, the probes, the pictures and the
 device importer build the same object.  Paths are joined as :class:`pathlib.Path` joins them and returned as
 text, which a config can extend (``@output_dir + '/model.pt'``).
@@ -21,15 +22,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .method_name import split_method_name
 from .tracking.store import SQLITE_PREFIX, STORE_FILE
+from .variants import pretraining
 
-__all__ = ["ENCODER_FILE", "RANDOM", "RunLayout"]
+__all__ = ["ENCODER_FILE", "RunLayout"]
 
 #: the file a pre-training leaves its encoder in (``{"state_dict", "network", "method"}``)
 ENCODER_FILE = "encoder.pt"
-#: the bundle name of the rows without pre-training (random initialisation)
-RANDOM = "random"
 
 
 class RunLayout:
@@ -53,10 +52,10 @@ class RunLayout:
         return str(self.root / method / "pretrain")
 
     def encoder(self, method: str) -> str:
-        """The pre-trained encoder a row fine-tunes from, ``<runs_dir>/<dataset>/<bundle>[/<variant>]/pretrain/encoder.pt``
-        (add-on and recipe dropped); ``""`` for a ``random`` row, which starts from random initialisation."""
-        name = split_method_name(method)
-        return "" if name.bundle == RANDOM else str(Path(self.pretrain_dir(name.pretrained_as)) / ENCODER_FILE)
+        """The pre-trained encoder a row fine-tunes from, ``<runs_dir>/<dataset>/<pre-training>/pretrain/encoder.pt``
+        (:func:`~metacontrast.variants.pretraining`); ``""`` for a ``random`` row, which starts from random initialisation."""
+        name = pretraining(method)
+        return "" if name is None else str(Path(self.pretrain_dir(name)) / ENCODER_FILE)
 
     def finetune_dir(self, method: str, num_labeled: int | str, seed: int | str) -> str:
         """``<runs_dir>/<dataset>/<method>/L<num_labeled>_seed<seed>``: a fine-tune's folder, which its evaluation shares."""

@@ -24,11 +24,6 @@ class MethodName(NamedTuple):
     recipe: str
 
     @property
-    def pretrained_as(self) -> str:
-        """Bundle and variant, ``gcl/naive_sum``: the name a pre-training ablation runs under."""
-        return f"{self.bundle}/{self.variant}" if self.variant else self.bundle
-
-    @property
     def compared_with(self) -> str:
         """The row this one ablates or adds to, without recipe: ``gcl/recipe.no_filter`` -> ``gcl/recipe``;
         ``gcl/no_filter`` and ``gcl+mean_teacher`` -> ``gcl``."""
@@ -38,7 +33,7 @@ class MethodName(NamedTuple):
     @property
     def without_recipe(self) -> str:
         """``gcl/naive_sum+mean_teacher``: the row as the papers name it (their tables have no recipes)."""
-        return self.pretrained_as + (f"+{self.add_on}" if self.add_on else "")
+        return (f"{self.bundle}/{self.variant}" if self.variant else self.bundle) + (f"+{self.add_on}" if self.add_on else "")
 
 
 def split_method_name(name: str) -> MethodName:

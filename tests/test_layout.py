@@ -41,6 +41,11 @@ def test_the_encoder_of_a_row_follows_the_row_name_grammar() -> None:
     assert layout.encoder("gcl+mean_teacher") == "runs/acdc/gcl/pretrain/encoder.pt"
     assert layout.encoder("gcl@improved") == "runs/acdc/gcl/pretrain/encoder.pt"
     assert layout.encoder("gcl/naive_sum+mixup@improved") == "runs/acdc/gcl/naive_sum/pretrain/encoder.pt"
+    # a fine-tune-only variant fine-tunes the encoder of the pre-training it leaves unchanged
+    assert layout.encoder("gcl/frozen_encoder@improved") == "runs/acdc/gcl/pretrain/encoder.pt"
+    assert layout.encoder("gcl/warmup_clip.frozen_encoder") == "runs/acdc/gcl/warmup_clip/pretrain/encoder.pt"
+    with pytest.raises(ValueError, match=r"ablations.json defines no variant 'no_such'"):
+        layout.encoder("gcl/no_such")
     for random_row in ("random", "random+mixup", "random/batch_norm", "random/batch_norm@improved"):
         assert layout.encoder(random_row) == ""
 

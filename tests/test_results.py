@@ -158,7 +158,7 @@ def test_a_recipe_variant_is_set_beside_the_paper_row_it_declares():
     paper's method, random init of any network against the paper's random init; a variant that removes a
     component and has no paper row of its name gets no paper cells."""
     from metacontrast.reporting.papers import format_paper_comparison
-    from metacontrast.reporting.rows import bundle_variants, paper_row
+    from metacontrast.variants import bundle_variants, paper_row
 
     recipe = "warmup_clip_pixel003_batch_norm_image_heads"
     assert bundle_variants("gcl")[recipe]["paper_row"] == "gcl" and "paper_row" not in bundle_variants("gcl")["no_organ_state"]

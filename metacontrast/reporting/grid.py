@@ -40,8 +40,8 @@ from ..layout import RunLayout
 from ..method_name import split_method_name
 from ..semi import ADD_ONS
 from ..tracking import completed_runs
+from ..variants import bundle_variants, pretraining, variants_file
 from .results import write_results
-from .rows import bundle_variants, variants_file
 
 COMMON = REPO_ROOT / "bundles" / "common" / "configs"
 
@@ -54,7 +54,6 @@ class MethodSpec:
     bundle: str | None
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     finetune_overrides: dict[str, Any] = field(default_factory=dict)
-    pretrain_variants: tuple[str, ...] = ()
 
     @property
     def pretrain_config(self) -> Path:
@@ -64,10 +63,8 @@ class MethodSpec:
     def pretraining(self) -> str | None:
         """The name the row's pre-training runs and is tagged under (``None``: random init): ``gcl`` for
         ``gcl+mean_teacher@improved`` and for a fine-tune-only variant, ``gcl/naive_sum`` for a pre-training ablation,
-        ``gcl/recipe`` for ``gcl/recipe.frozen_encoder`` (the variant parts that change the pre-training)."""
-        if self.bundle is None:
-            return None
-        return f"{self.bundle}/{'.'.join(self.pretrain_variants)}" if self.pretrain_variants else self.bundle
+        ``gcl/recipe`` for ``gcl/recipe.frozen_encoder`` (:func:`metacontrast.variants.pretraining`)."""
+        return pretraining(self.name)
 
     def workflow_configs(self, workflow: str) -> list[str]:
         """``bundles/common/configs/<workflow>.json``, then the bundle's own ``finetune.json`` defaults if it has one."""
@@ -114,8 +111,7 @@ def parse_method(name: str) -> MethodSpec:
                 raise ValueError(f"method {name!r}: {variants_file(bundle)} defines no variant {part!r} (has {sorted(variants)})")
             for stage in row:
                 row[stage].update(variants[part].get(stage, {}))
-        parts = [part for part in parts if variants[part].get("pretrain")]
-    return MethodSpec(name, bundle, row["pretrain"], {**row["finetune"], **finetune}, tuple(parts))
+    return MethodSpec(name, bundle, row["pretrain"], {**row["finetune"], **finetune})
 
 
 def method_names(methods: str | Sequence[str]) -> list[str]:

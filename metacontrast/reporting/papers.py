@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..method_name import split_method_name
-from .rows import paper_row
+from ..variants import paper_row
 from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head,
                      mean_std_cell, paired_gain, random_reference, signed)
 

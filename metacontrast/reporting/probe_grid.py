@@ -19,9 +19,10 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle import run as run_bundle
 
-from ..layout import RANDOM, RunLayout
+from ..layout import RunLayout
 from ..method_name import split_method_name
 from ..tracking import completed_runs
+from ..variants import RANDOM
 from .grid import COMMON, method_names, random_init_overrides
 from .probe_results import write_probe_table
 

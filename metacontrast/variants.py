@@ -1,5 +1,5 @@
-"""What a bundle says about its grid rows: the variants in ``bundles/<bundle>/configs/ablations.json``, and
-the papers' row each grid row is set beside.
+"""What a bundle says about its rows: the variants in ``bundles/<bundle>/configs/ablations.json``, the
+pre-training a row fine-tunes from, and the papers' row it is set beside.
 
 A variant entry holds the overrides of the stages it changes (``"pretrain"``, ``"finetune"``) and, when it
 keeps every component of the paper's method and changes only how it is optimised (normalisation, warm-up,
@@ -13,13 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .. import REPO_ROOT
-from ..method_name import split_method_name
+from . import REPO_ROOT
+from .method_name import split_method_name
 
-__all__ = ["RANDOM_PAPER_ROW", "bundle_variants", "paper_row", "variants_file"]
+__all__ = ["RANDOM", "bundle_variants", "paper_row", "pretraining", "variants_file"]
 
-#: every random-init row (``random``, ``random/batch_norm``) is read against the papers' random init
-RANDOM_PAPER_ROW = "random"
+#: the bundle name of the rows without pre-training (random initialisation of the network they name), which
+#: are read against the papers' random init
+RANDOM = "random"
 
 
 def variants_file(bundle: str) -> Path:
@@ -35,6 +36,24 @@ def bundle_variants(bundle: str) -> dict[str, dict[str, Any]]:
     return {name: entry for name, entry in rows.items() if not name.startswith("_")}
 
 
+def pretraining(method: str) -> str | None:
+    """The name a row's pre-training runs and is tagged under (``None``: random init): the bundle and the
+    variant parts that change the pre-training, in order.  ``gcl/naive_sum`` for ``gcl/naive_sum+mixup@improved``,
+    ``gcl`` for ``gcl/frozen_encoder`` (fine-tune only) and ``gcl+mean_teacher``, ``gcl/recipe`` for
+    ``gcl/recipe.frozen_encoder``.  A part the bundle does not define is refused, naming its file.
+    """
+    name = split_method_name(method)
+    if name.bundle == RANDOM:
+        return None
+    variants = bundle_variants(name.bundle)
+    parts = name.variant.split(".") if name.variant else []
+    for part in parts:
+        if part not in variants:
+            raise ValueError(f"method {method!r}: {variants_file(name.bundle)} defines no variant {part!r} (has {sorted(variants)})")
+    kept = [part for part in parts if variants[part].get("pretrain")]
+    return f"{name.bundle}/{'.'.join(kept)}" if kept else name.bundle
+
+
 def paper_row(method: str) -> str:
     """The papers' name of a grid row, for their tables (recipe dropped, add-on kept):
 
@@ -45,8 +64,8 @@ def paper_row(method: str) -> str:
     """
     name = split_method_name(method)
     add_on = f"+{name.add_on}" if name.add_on else ""
-    if name.bundle == RANDOM_PAPER_ROW:
-        return RANDOM_PAPER_ROW + add_on
+    if name.bundle == RANDOM:
+        return RANDOM + add_on
     last = name.variant.rpartition(".")[2]
     if not last:
         return name.bundle + add_on
