@@ -16,7 +16,7 @@ from typing import Any
 from . import REPO_ROOT
 from .method_name import split_method_name
 
-__all__ = ["RANDOM", "bundle_variants", "paper_row", "pretraining", "variants_file"]
+__all__ = ["RANDOM", "bundle_variants", "paper_row", "pretraining", "row_variants", "variants_file"]
 
 #: the bundle name of the rows without pre-training (random initialisation of the network they name), which
 #: are read against the papers' random init
@@ -36,22 +36,30 @@ def bundle_variants(bundle: str) -> dict[str, dict[str, Any]]:
     return {name: entry for name, entry in rows.items() if not name.startswith("_")}
 
 
+def row_variants(method: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(part, entry)`` of each variant part of a row, in order (``gcl/recipe.no_filter`` -> ``recipe``, then
+    ``no_filter``); ``[]`` without a variant.  A part the bundle does not define is refused, naming its file."""
+    name = split_method_name(method)
+    if not name.variant:
+        return []
+    variants = bundle_variants(name.bundle)
+    for part in name.variant.split("."):
+        if part not in variants:
+            raise ValueError(f"method {method!r}: {variants_file(name.bundle)} defines no variant {part!r} (has {sorted(variants)})")
+    return [(part, variants[part]) for part in name.variant.split(".")]
+
+
 def pretraining(method: str) -> str | None:
     """The name a row's pre-training runs and is tagged under (``None``: random init): the bundle and the
     variant parts that change the pre-training, in order.  ``gcl/naive_sum`` for ``gcl/naive_sum+mixup@improved``,
     ``gcl`` for ``gcl/frozen_encoder`` (fine-tune only) and ``gcl+mean_teacher``, ``gcl/recipe`` for
-    ``gcl/recipe.frozen_encoder``.  A part the bundle does not define is refused, naming its file.
+    ``gcl/recipe.frozen_encoder`` (:func:`row_variants`).
     """
-    name = split_method_name(method)
-    if name.bundle == RANDOM:
+    bundle = split_method_name(method).bundle
+    if bundle == RANDOM:
         return None
-    variants = bundle_variants(name.bundle)
-    parts = name.variant.split(".") if name.variant else []
-    for part in parts:
-        if part not in variants:
-            raise ValueError(f"method {method!r}: {variants_file(name.bundle)} defines no variant {part!r} (has {sorted(variants)})")
-    kept = [part for part in parts if variants[part].get("pretrain")]
-    return f"{name.bundle}/{'.'.join(kept)}" if kept else name.bundle
+    kept = [part for part, entry in row_variants(method) if entry.get("pretrain")]
+    return f"{bundle}/{'.'.join(kept)}" if kept else bundle
 
 
 def paper_row(method: str) -> str:

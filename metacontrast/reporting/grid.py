@@ -40,7 +40,7 @@ from ..layout import RunLayout
 from ..method_name import split_method_name
 from ..semi import ADD_ONS
 from ..tracking import completed_runs
-from ..variants import bundle_variants, pretraining, variants_file
+from ..variants import RANDOM, pretraining, row_variants
 from .results import write_results
 
 COMMON = REPO_ROOT / "bundles" / "common" / "configs"
@@ -96,21 +96,16 @@ def parse_method(name: str) -> MethodSpec:
         if recipe not in recipes or recipe.startswith("_"):
             raise ValueError(f"method {name!r}: no recipe {recipe!r} in {COMMON / 'recipes.json'} (has {sorted(recipes)})")
         finetune.update(recipes[recipe])
-    if bundle == "random":
+    if bundle == RANDOM:
         return MethodSpec(name, None, {}, {**random_init_overrides(variant, name), **finetune})
     config = REPO_ROOT / "bundles" / bundle / "configs" / "pretrain.json"
     if not config.is_file():
         known = sorted(p.parent.parent.name for p in REPO_ROOT.glob("bundles/*/configs/pretrain.json"))
         raise ValueError(f"method {name!r}: no bundle {bundle!r} ({config} missing); known: random, {', '.join(known)}")
     row: dict[str, dict[str, Any]] = {"pretrain": {}, "finetune": {}}
-    parts = variant.split(".") if variant else []
-    if parts:
-        variants = bundle_variants(bundle)
-        for part in parts:  # 'recipe.no_filter': the ablation's overrides over the variant's
-            if part not in variants:
-                raise ValueError(f"method {name!r}: {variants_file(bundle)} defines no variant {part!r} (has {sorted(variants)})")
-            for stage in row:
-                row[stage].update(variants[part].get(stage, {}))
+    for _, entry in row_variants(name):  # 'recipe.no_filter': the ablation's overrides over the variant's
+        for stage in row:
+            row[stage].update(entry.get(stage, {}))
     return MethodSpec(name, bundle, row["pretrain"], {**row["finetune"], **finetune})
 
 
