@@ -35,7 +35,8 @@ def test_the_paths_are_pinned() -> None:
 
 
 def test_the_encoder_of_a_row_follows_the_row_name_grammar() -> None:
-    """A row fine-tunes from its bundle and variant's pre-training (add-on and recipe dropped); random rows from none."""
+    """A row fine-tunes from the pre-training of its bundle and the variant parts that change it (add-on, recipe and
+    fine-tune-only parts dropped); random rows from none; an unknown variant is refused by file."""
     layout = RunLayout("runs", "acdc")
     assert layout.encoder("gcl") == "runs/acdc/gcl/pretrain/encoder.pt"
     assert layout.encoder("gcl+mean_teacher") == "runs/acdc/gcl/pretrain/encoder.pt"
