@@ -42,11 +42,12 @@ def row_variants(method: str) -> list[tuple[str, dict[str, Any]]]:
     name = split_method_name(method)
     if not name.variant:
         return []
-    variants = bundle_variants(name.bundle)
+    variants, found = bundle_variants(name.bundle), []
     for part in name.variant.split("."):
         if part not in variants:
             raise ValueError(f"method {method!r}: {variants_file(name.bundle)} defines no variant {part!r} (has {sorted(variants)})")
-    return [(part, variants[part]) for part in name.variant.split(".")]
+        found.append((part, variants[part]))
+    return found
 
 
 def pretraining(method: str) -> str | None:
