@@ -46,7 +46,8 @@ from metacontrast.export.verify import check_metadata
 from metacontrast.nets import SegmentationUNet
 from metacontrast.nets.unet import encoder_state_dict
 from metacontrast.workflows import initialise_encoder, read_manifest
-from metacontrast.reporting.results import collect_evaluate_runs, format_table
+from metacontrast.export.card import results_rows
+from metacontrast.reporting.results import CSV_COLUMNS, collect_evaluate_runs, format_table
 from metacontrast.reporting.tables import aggregate
 from metacontrast.tracking import find_run
 
@@ -349,6 +350,22 @@ def test_a_grid_run_is_exported_from_its_folder(sample_grid: dict[str, Any], tmp
 # ------------------------------------------------------------------------------------------------
 # the model card
 # ------------------------------------------------------------------------------------------------
+
+
+def test_the_card_quotes_the_random_init_row_its_method_is_compared_with(tmp_path: Path) -> None:
+    """A grid row fine-tuned under a recipe as a batch-norm U-Net is read against ``random/batch_norm@<recipe>``,
+    the row the tables pair it with, not against another network's or recipe's random init."""
+    rows = [{"run_id": f"{method}{seed}", "run_name": "", "method": method, "dataset": "acdc", "num_labeled": 1, "seed": seed,
+             "config_hash": "", "norm": norm, "used": True, "test_dice_mean": dice, "test_hd95_mean": 9.0, "test_asd_mean": 3.0}
+            for method, norm, dice in (("random@improved", "instance", 0.30), ("random/batch_norm@improved", "batch", 0.37),
+                                       ("random/batch_norm", "batch", 0.20), ("gcl/recipe@improved", "batch", 0.40))
+            for seed in (0, 1)]  # fmt: skip
+    folder = tmp_path / "acdc"
+    folder.mkdir()
+    (folder / "table.md").write_text(format_table(aggregate(rows), "acdc"))
+    (folder / "evaluate_runs.csv").write_text("\n".join([",".join(CSV_COLUMNS), *(",".join(str(r[c]) for c in CSV_COLUMNS) for r in rows)]) + "\n")
+    quoted = [line for line in results_rows(tmp_path, "acdc", "gcl/recipe@improved").splitlines() if 'id="method-' in line]
+    assert [line.split('id="method-')[1].split('"')[0] for line in quoted] == ["gcl/recipe@improved", "random/batch_norm@improved"]
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .. import REPO_ROOT
+from ..variants import RANDOM
 from ..workflows.checkpoints import norm_of
 from ..workflows.model_settings import resolve_model_settings
 from ..workflows.data import preprocessing_settings, read_manifest
@@ -150,7 +151,7 @@ def write_bundle(source: BundleSource, options: ExportOptions) -> Path:
         raise ExportError("the run's settings lack 'dataset'")
     dataset = str(settings["dataset"])
     settings.setdefault("datalist", f"data_manifests/{dataset}.json")
-    settings.setdefault("method", "random")
+    settings.setdefault("method", RANDOM)
     manifest = read_manifest(repo_path(settings["datalist"]))
     overrides = dict(settings.get("preprocessing_overrides") or {})
     default = preprocessing_settings(manifest, overrides, dataset)

@@ -20,6 +20,9 @@ from typing import Any
 
 from .. import REPO_ROOT
 from ..method_name import split_method_name
+from ..reporting.results import read_evaluate_csv
+from ..reporting.tables import is_random_row, random_reference
+from ..variants import RANDOM
 from . import vendor
 from .configs import TEMPLATES, preprocessing_of
 from .source import BundleSource
@@ -76,17 +79,17 @@ def bundle_name(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
 
 
 def _title(settings: Mapping[str, Any], info: Mapping[str, Any]) -> str:
-    method = str(settings.get("method", "random"))
-    label = "random-init" if method == "random" else method.upper() if method.isalpha() else method
+    method = str(settings.get("method", RANDOM))
+    label = "random-init" if is_random_row(method) else method.upper() if method.isalpha() else method
     return f"{label} {info['display_name'] or settings['dataset']} {info['modality']} segmentation (L={settings.get('num_labeled', '?')})"
 
 
 def _initialisation(settings: Mapping[str, Any]) -> str:
     """How the fine-tune started, as far as the settings tell."""
-    method, pretrained = str(settings.get("method", "random")), settings.get("pretrained_ckpt")
+    method, pretrained = str(settings.get("method", RANDOM)), settings.get("pretrained_ckpt")
     if pretrained:
         return f"the encoder pre-trained by {method} (`{pretrained}`)"
-    if method == "random" or pretrained == "":
+    if is_random_row(method) or pretrained == "":
         return "a random initialisation (no pre-training)"
     return f"a {method} pre-trained encoder (its file was not given to the exporter)"
 
@@ -95,7 +98,7 @@ def _method_references(method: str) -> list[str]:
     """References of the method's bundle (``bundles/<method>/configs/metadata.json``), none for random init."""
     base = split_method_name(method).bundle
     path = REPO_ROOT / "bundles" / base / "configs" / "metadata.json"
-    if base in ("", "random", "common") or not path.is_file():
+    if base in ("", RANDOM, "common") or not path.is_file():
         return []
     return [str(r) for r in json.loads(path.read_text()).get("references", [])]
 
@@ -175,7 +178,7 @@ def make_metadata(source: BundleSource, manifest: Mapping[str, Any], package_ver
         "pred_classes": f"{len(labels)} channels, one logit per class ({classes}); the label is the argmax",
         **({"eval_metrics": eval_metrics} if eval_metrics else {}),
         "intended_use": "Research only: not for clinical use or diagnosis.",
-        "references": [*_method_references(str(settings.get("method", "random"))), *([info["citation"]] if info["citation"] else []),
+        "references": [*_method_references(str(settings.get("method", RANDOM))), *([info["citation"]] if info["citation"] else []),
                        MONAI_REFERENCE],  # fmt: skip
         "network_data_format": {
             "inputs": {
@@ -196,18 +199,21 @@ def make_metadata(source: BundleSource, manifest: Mapping[str, Any], package_ver
 
 
 def results_rows(results_dir: str | Path | None, dataset: str, method: str) -> str:
-    """The rows of ``method`` (and the random init) from ``<results_dir>/<dataset>/table.md``, with its
-    heading, header and notes, verbatim; ``""`` when there is no table or no such row."""
+    """The rows of ``method`` and of the random init it is compared with (same recipe and network, as the
+    tables pair them: :func:`~metacontrast.reporting.tables.random_reference` over ``evaluate_runs.csv``) from
+    ``<results_dir>/<dataset>/table.md``, with its heading, header and notes, verbatim; ``""`` when there is no
+    table or no such row."""
     if results_dir is None:
         return ""
-    table = Path(results_dir) / dataset / "table.md"
+    folder = Path(results_dir) / dataset
+    table, runs = folder / "table.md", folder / "evaluate_runs.csv"
     if not table.is_file():
         return ""
     lines = table.read_text().splitlines()
     rows = [i for i, line in enumerate(lines) if line.startswith("|")]
     if len(rows) < 3:
         return ""
-    wanted = {method, "random"}
+    wanted = {method, random_reference(read_evaluate_csv(runs) if runs.is_file() else [], method)}
     picked = [lines[i] for i in rows[2:] if any(f'id="method-{m}"' in lines[i] for m in wanted)]
     if not any(f'id="method-{method}"' in line for line in picked):
         return ""
@@ -231,7 +237,7 @@ def _performance(source: BundleSource, labels: Mapping[str, str], results_dir: s
             if key in metrics:
                 line += f", {label} {metrics[key]:.2f} mm"
         parts.append(line + ". Dice: 3D Dice per foreground class on the source voxel grid, averaged over classes, per volume.")
-    rows = results_rows(results_dir, dataset, str(source.settings.get("method", "random")))
+    rows = results_rows(results_dir, dataset, str(source.settings.get("method", RANDOM)))
     if rows:
         parts.append(f"The rows of this method in the results table (`{Path(results_dir).name}/{dataset}/table.md`, "  # type: ignore[arg-type]
                      f"written by `scripts/run_grid.py` from MLflow runs; other seeds and L are separate models):\n\n{rows}")  # fmt: skip
@@ -270,7 +276,7 @@ def make_model_card(source: BundleSource, manifest: Mapping[str, Any], metadata:
         "authors": metadata["authors"],
         "modality": info["modality"],
         "label_names": ", ".join(v for k, v in labels.items() if int(k) != 0),
-        "method": str(settings.get("method", "random")),
+        "method": str(settings.get("method", RANDOM)),
         "num_res_units": 2,
         "features": str([int(f) for f in settings["features"]]),
         "init_description": init_description,

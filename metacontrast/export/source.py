@@ -26,6 +26,7 @@ from .. import REPO_ROOT
 from ..layout import RunLayout
 from ..tracking import download_artifact, finite_metrics, get_run, local_tracking_uri, search_runs
 from ..tracking.store import STORE_FILE
+from ..variants import RANDOM
 from ..workflows.checkpoints import load_checkpoint, state_dict_of, state_file
 from ..workflows.metrics import flatten_summary
 from . import ExportError
@@ -168,7 +169,7 @@ def source_from_checkpoint(
     datalist: str | None = None,
     features: Sequence[int] | None = None,
     preprocessing_overrides: Mapping[str, Any] | None = None,
-    method: str = "random",
+    method: str = RANDOM,
     num_labeled: int | None = None,
     seed: int | None = None,
     **settings: Any,

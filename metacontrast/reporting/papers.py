@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..method_name import split_method_name
-from ..variants import paper_row
+from ..variants import RANDOM, paper_row
 from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head,
                      mean_std_cell, paired_gain, random_reference, signed)
 
@@ -47,7 +47,7 @@ PAPER_ABLATIONS: dict[str, dict[str, tuple[str, dict[int, tuple[float, float]]]]
 }
 
 
-def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, baseline: str = "random") -> str:
+def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, baseline: str = RANDOM) -> str:
     """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L.
 
     A row fine-tuned with a named recipe (``gcl@improved``) is compared with random init under the same

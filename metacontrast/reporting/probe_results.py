@@ -19,6 +19,7 @@ import numpy as np
 
 from ..io import atomic_write
 from ..tracking import runs_as_records, search_runs
+from ..variants import RANDOM
 from .tables import MISSING, is_random_row, markdown_head, random_reference
 
 __all__ = ["collect_probe_runs", "format_gain_table", "format_probe_table", "frozen_draws", "reference_of", "write_probe_table"]
@@ -30,7 +31,6 @@ PROBE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("patient retrieval", "patient_retrieval"),
     ("embedding cosine", "embedding_cosine"),
 )
-REFERENCE = "random"
 
 
 def _probe_records(tracking_uri: str, dataset: str, experiment_name: str | None,
@@ -76,7 +76,7 @@ def reference_of(method: str, norms: Mapping[str, str], references: Sequence[str
     if method in references:
         return None
     rows = [{"method": m, "norm": norms.get(m, "instance")} for m in (*references, method)]
-    found = random_reference(rows, method, REFERENCE)
+    found = random_reference(rows, method)
     return found if found in references else None
 
 
@@ -98,7 +98,7 @@ def format_probe_table(runs: Mapping[tuple[str, int], Mapping[str, float]], data
     then each encoder's per-seed gain over its random reference (:func:`format_gain_table`).  ``draws``: the
     labelled-volume draws each seed's frozen Dice is the mean of."""
     found = sorted({method for method, _ in runs})
-    order = list(methods) if methods is not None else sorted(found, key=lambda m: (m != REFERENCE, m))
+    order = list(methods) if methods is not None else sorted(found, key=lambda m: (m != RANDOM, m))
     names = {m for metrics in runs.values() for m in metrics}
     columns = [c for c in PROBE_COLUMNS if c[1] in names] + _frozen_columns(names)
     protocol = f", frozen Dice over {draws} labelled-volume draws per seed" if draws > 1 else ""
@@ -133,7 +133,7 @@ def format_gain_table(runs: Mapping[tuple[str, int], Mapping[str, float]], datas
     embedding cosine, ``mean ± std (n)`` of the per-seed difference (a seed draws the same frozen fine-tune
     volumes for both), marked ``✓`` where the mean gain exceeds both the reference's std over seeds and the
     std of the gains; ``""`` when no row has a reference.  ``heading_suffix`` ends the heading (the protocol)."""
-    references = [m for m in order if is_random_row(m, REFERENCE)]
+    references = [m for m in order if is_random_row(m)]
     columns = [c for c in columns if c[1] != "embedding_cosine"]
     rows = []
     for method in order:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..method_name import split_method_name, with_recipe
+from ..variants import RANDOM
 
 __all__ = ["MISSING", "PARTIAL", "TABLE_METRICS", "aggregate", "format_gain", "full_method", "is_random_row", "markdown_head",
            "mean_std_cell", "paired_gain", "random_reference", "same_recipe_random"]
@@ -65,18 +66,18 @@ def method_order(agg: Mapping[tuple[str, int], Any], methods: Sequence[str] | No
 def labeled_order(agg: Mapping[tuple[str, int], Any], labeled: Sequence[int] | None) -> list[int]:
     return sorted({int(num) for num in labeled} if labeled is not None else {num for _, num in agg})
 
-def same_recipe_random(method: str, baseline: str = "random") -> str:
+def same_recipe_random(method: str, baseline: str = RANDOM) -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
     return with_recipe(baseline, split_method_name(method).recipe)
 
 
-def is_random_row(method: str, baseline: str = "random") -> bool:
+def is_random_row(method: str, baseline: str = RANDOM) -> bool:
     """``random``, ``random/batch_norm@improved``: a random-init reference row (no add-on)."""
     parts = split_method_name(method)
     return parts.bundle == baseline and not parts.add_on
 
 
-def random_reference(rows: Sequence[Mapping[str, Any]], method: str, baseline: str = "random") -> str:
+def random_reference(rows: Sequence[Mapping[str, Any]], method: str, baseline: str = RANDOM) -> str:
     """The random-init row ``method`` is compared with: random init under the same recipe and of the same
     network (its ``norm``), ``gcl@improved`` fine-tuned as a batch-norm U-Net -> ``random/batch_norm@improved``
     where ``rows`` have it; otherwise :func:`same_recipe_random`."""
