@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..method_name import split_method_name
-from ..variants import RANDOM, paper_row
+from ..variants import paper_row
 from .tables import (MISSING, aggregate, cell, format_gain, full_method, is_random_row, labeled_order, markdown_head,
                      mean_std_cell, paired_gain, random_reference, signed)
 
@@ -47,7 +47,7 @@ PAPER_ABLATIONS: dict[str, dict[str, tuple[str, dict[int, tuple[float, float]]]]
 }
 
 
-def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, baseline: str = RANDOM) -> str:
+def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str) -> str:
     """Markdown: our Dice and gain over our random init beside the paper's Dice and gain, per method and L.
 
     A row fine-tuned with a named recipe (``gcl@improved``) is compared with random init under the same
@@ -59,9 +59,8 @@ def format_paper_comparison(rows: Sequence[Mapping[str, Any]], dataset: str, bas
     lines = markdown_head(f"{dataset}: our gains over random init beside the papers' (test Dice)",
                           ["Method", "L", "ours: mean ± std over seeds", "ours - random (same recipe and network): per-seed mean ± std (n)",
                            "paper", "paper - its random", "source"])
-    is_baseline = lambda method: is_random_row(method, baseline)
-    for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_baseline(k[0]), k[0], k[1])):
-        gain = {"n": 0} if is_baseline(method) else paired_gain(rows, method, random_reference(rows, method, baseline), num_labeled)
+    for method, num_labeled in sorted(agg, key=lambda k: (split_method_name(k[0]).recipe, not is_random_row(k[0]), k[0], k[1])):
+        gain = {"n": 0} if is_random_row(method) else paired_gain(rows, method, random_reference(rows, method), num_labeled)
         source, paper_base, values = papers.get(paper_row(method), ("", None, {}))
         paper = values.get(num_labeled, float("nan"))
         paper_gain = paper - papers[paper_base][2].get(num_labeled, float("nan")) if paper_base in papers else float("nan")

@@ -66,26 +66,26 @@ def method_order(agg: Mapping[tuple[str, int], Any], methods: Sequence[str] | No
 def labeled_order(agg: Mapping[tuple[str, int], Any], labeled: Sequence[int] | None) -> list[int]:
     return sorted({int(num) for num in labeled} if labeled is not None else {num for _, num in agg})
 
-def same_recipe_random(method: str, baseline: str = RANDOM) -> str:
+def same_recipe_random(method: str) -> str:
     """The random-init row a method is compared with: ``gcl@improved`` -> ``random@improved``."""
-    return with_recipe(baseline, split_method_name(method).recipe)
+    return with_recipe(RANDOM, split_method_name(method).recipe)
 
 
-def is_random_row(method: str, baseline: str = RANDOM) -> bool:
+def is_random_row(method: str) -> bool:
     """``random``, ``random/batch_norm@improved``: a random-init reference row (no add-on)."""
     parts = split_method_name(method)
-    return parts.bundle == baseline and not parts.add_on
+    return parts.bundle == RANDOM and not parts.add_on
 
 
-def random_reference(rows: Sequence[Mapping[str, Any]], method: str, baseline: str = RANDOM) -> str:
+def random_reference(rows: Sequence[Mapping[str, Any]], method: str) -> str:
     """The random-init row ``method`` is compared with: random init under the same recipe and of the same
     network (its ``norm``), ``gcl@improved`` fine-tuned as a batch-norm U-Net -> ``random/batch_norm@improved``
     where ``rows`` have it; otherwise :func:`same_recipe_random`."""
     norms = {row["method"]: row.get("norm", "") for row in rows}
     recipe = split_method_name(method).recipe
-    same = sorted(m for m in norms if is_random_row(m, baseline) and split_method_name(m).recipe == recipe
+    same = sorted(m for m in norms if is_random_row(m) and split_method_name(m).recipe == recipe
                   and norms[m] and norms[m] == norms.get(method))
-    plain = same_recipe_random(method, baseline)
+    plain = same_recipe_random(method)
     return plain if plain in same or not same else same[0]
 
 
